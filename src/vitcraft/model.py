@@ -1,0 +1,354 @@
+"""The Vision Transformer of the seed tutorial, one class per concept.
+
+An image becomes a sequence of patch vectors (``PatchEmbeddings``), gets a
+learnable [CLS] token and learnable position vectors (``Embeddings``), passes
+through a stack of pre-LayerNorm transformer blocks (``Encoder`` of ``Block``),
+and the [CLS] output is classified (``ViTForClassification``).
+
+Every module returns what the tutorial's does, including the
+``(output, attention_probs)`` pairs, so the tutorial's code runs against it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitcraft.config import ViTConfig
+
+
+def as_config(config: ViTConfig | Mapping[str, Any]) -> ViTConfig:
+    """Accept the tutorial's plain dict or a ViTConfig."""
+    return config if isinstance(config, ViTConfig) else ViTConfig.from_dict(config)
+
+
+class PatchEmbeddings(nn.Module):
+    """Cut the image into non-overlapping patches and project each to a vector.
+
+    A Conv2d whose kernel and stride both equal the patch size sees every patch
+    exactly once, so it is a per-patch linear projection.
+    In: (B, C, H, W) images. Out: (B, num_patches, hidden_size).
+    """
+
+    def __init__(self, config: ViTConfig | Mapping[str, Any]):
+        super().__init__()
+        config = as_config(config)
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        self.num_patches = config.num_patches
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size,
+                                    kernel_size=config.patch_size, stride=config.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.num_channels or x.shape[-2:] != (self.image_size,) * 2:
+            raise ValueError(
+                f"expected images of shape (batch, {self.num_channels}, {self.image_size}, "
+                f"{self.image_size}), got {tuple(x.shape)}")
+        x = self.projection(x)  # (B, hidden, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, num_patches, hidden)
+
+
+class Embeddings(nn.Module):
+    """Patch vectors plus a learnable [CLS] token in front, plus position vectors.
+
+    Attention ignores order, so each position (the [CLS] slot and every patch
+    slot) gets its own learnable vector added. The [CLS] output later stands
+    for the whole image.
+    In: (B, C, H, W). Out: (B, 1 + num_patches, hidden_size).
+    """
+
+    def __init__(self, config: ViTConfig | Mapping[str, Any]):
+        super().__init__()
+        config = as_config(config)
+        self.patch_embeddings = PatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, self.patch_embeddings.num_patches + 1, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embeddings(x)  # (B, num_patches, hidden)
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, hidden)
+        x = torch.cat((cls_tokens, x), dim=1)  # (B, 1 + num_patches, hidden)
+        return self.dropout(x + self.position_embeddings)
+
+
+class AttentionHead(nn.Module):
+    """One attention head, written out for reading.
+
+    Every token emits a query, a key and a value. A token's output is the
+    average of all values, weighted by softmax(query . key / sqrt(head_size)).
+    In: (B, N, hidden). Out: ((B, N, head_size) output, (B, N, N) attention
+    probabilities). The probabilities returned are those before dropout, so
+    each row sums to 1 even in training mode.
+    """
+
+    def __init__(self, hidden_size: int, attention_head_size: int, dropout: float, bias: bool = True):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.attention_head_size = attention_head_size
+        self.query = nn.Linear(hidden_size, attention_head_size, bias=bias)
+        self.key = nn.Linear(hidden_size, attention_head_size, bias=bias)
+        self.value = nn.Linear(hidden_size, attention_head_size, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        query, key, value = self.query(x), self.key(x), self.value(x)
+        attention_scores = query @ key.transpose(-1, -2) / math.sqrt(self.attention_head_size)
+        attention_probs = attention_scores.softmax(dim=-1)  # (B, N, N)
+        attention_output = self.dropout(attention_probs) @ value  # (B, N, head_size)
+        return attention_output, attention_probs
+
+
+class MultiHeadAttention(nn.Module):
+    """Several AttentionHeads side by side, their outputs concatenated and projected.
+
+    The readable version: one small module per head. It loads the same state
+    dict as FasterMultiHeadAttention (the fused qkv weight is split per head).
+    In: (B, N, hidden). Out: ((B, N, hidden), (B, heads, N, N) or None).
+    """
+
+    def __init__(self, config: ViTConfig | Mapping[str, Any]):
+        super().__init__()
+        config = as_config(config)
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.attention_head_size
+        self.heads = nn.ModuleList([
+            AttentionHead(config.hidden_size, config.attention_head_size,
+                          config.attention_probs_dropout_prob, config.qkv_bias)
+            for _ in range(config.num_attention_heads)])
+        self.output_projection = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self._register_load_state_dict_pre_hook(self._split_fused_qkv)
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        head_outputs = [head(x) for head in self.heads]
+        attention_output = torch.cat([out for out, _ in head_outputs], dim=-1)  # (B, N, hidden)
+        attention_output = self.output_dropout(self.output_projection(attention_output))
+        if not output_attentions:
+            return attention_output, None
+        return attention_output, torch.stack([probs for _, probs in head_outputs], dim=1)
+
+    def _split_fused_qkv(self, state_dict, prefix, *_):
+        """Accept FasterMultiHeadAttention's ``qkv_projection`` weights."""
+        for kind in ("weight", "bias"):
+            fused = state_dict.pop(f"{prefix}qkv_projection.{kind}", None)
+            if fused is None:
+                continue
+            # rows: [all queries | all keys | all values], each head_size rows per head
+            for name, part in zip(("query", "key", "value"), fused.chunk(3, dim=0)):
+                for i, head_part in enumerate(part.split(self.attention_head_size, dim=0)):
+                    state_dict[f"{prefix}heads.{i}.{name}.{kind}"] = head_part
+
+
+class FasterMultiHeadAttention(nn.Module):
+    """Multi-head attention with one fused Linear producing q, k and v for all heads.
+
+    One (hidden -> 3 * hidden) matrix product replaces 3 * heads small ones.
+    With ``use_sdpa`` the attention itself runs in
+    ``F.scaled_dot_product_attention`` (fused kernels), except when the
+    attention probabilities are asked for, which only the explicit softmax has.
+    In: (B, N, hidden). Out: ((B, N, hidden), (B, heads, N, N) or None).
+    """
+
+    def __init__(self, config: ViTConfig | Mapping[str, Any], use_sdpa: bool = False):
+        super().__init__()
+        config = as_config(config)
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.attention_head_size
+        self.use_sdpa = use_sdpa
+        self.qkv_projection = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.attn_dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.output_projection = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self._register_load_state_dict_pre_hook(self._merge_per_head_qkv)
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        batch_size, num_tokens, hidden_size = x.shape
+        qkv = self.qkv_projection(x)  # (B, N, 3 * hidden)
+        qkv = qkv.view(batch_size, num_tokens, 3, self.num_attention_heads, self.attention_head_size)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_size)
+        attention_probs = None
+        if self.use_sdpa and not output_attentions:
+            dropout_p = self.attn_dropout.p if self.training else 0.0
+            attention_output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
+        else:
+            scores = query @ key.transpose(-1, -2) / math.sqrt(self.attention_head_size)
+            attention_probs = scores.softmax(dim=-1)  # (B, heads, N, N)
+            attention_output = self.attn_dropout(attention_probs) @ value
+        # (B, heads, N, head_size) -> (B, N, hidden)
+        attention_output = attention_output.transpose(1, 2).reshape(batch_size, num_tokens, hidden_size)
+        attention_output = self.output_dropout(self.output_projection(attention_output))
+        return attention_output, (attention_probs if output_attentions else None)
+
+    def _merge_per_head_qkv(self, state_dict, prefix, *_):
+        """Accept MultiHeadAttention's per-head ``heads.i.query`` style weights."""
+        for kind in ("weight", "bias"):
+            parts = []
+            for name in ("query", "key", "value"):
+                for i in range(self.num_attention_heads):
+                    key = f"{prefix}heads.{i}.{name}.{kind}"
+                    if key in state_dict:
+                        parts.append(state_dict.pop(key))
+            if parts:
+                state_dict[f"{prefix}qkv_projection.{kind}"] = torch.cat(parts, dim=0)
+
+
+class NewGELUActivation(nn.Module):
+    """GELU in its tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    The seed's activation (as in GPT-2/BERT code). PyTorch's
+    ``gelu(approximate="tanh")`` computes the same formula in one fused kernel.
+    Shape preserving.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.gelu(input, approximate="tanh")
+
+
+class MLP(nn.Module):
+    """The feed-forward half of a block: widen, GELU, project back, dropout.
+
+    In and out: (B, N, hidden_size); inside: (B, N, intermediate_size).
+    """
+
+    def __init__(self, config: ViTConfig | Mapping[str, Any]):
+        super().__init__()
+        config = as_config(config)
+        self.dense_1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = NewGELUActivation() if config.hidden_act == "gelu_tanh" else nn.GELU()
+        self.dense_2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense_2(self.activation(self.dense_1(x))))
+
+
+def build_attention(config: ViTConfig) -> nn.Module:
+    """The attention module for ``config.attention_backend``."""
+    if config.attention_backend == "per_head":
+        return MultiHeadAttention(config)
+    return FasterMultiHeadAttention(config, use_sdpa=config.attention_backend == "sdpa")
+
+
+class Block(nn.Module):
+    """One transformer block: attention then MLP, each pre-normalised and residual.
+
+    x = x + attention(layernorm_1(x)); x = x + mlp(layernorm_2(x)).
+    Normalising before each sub-layer (pre-LN) keeps the residual path clean,
+    which trains more stably than the original post-LN transformer.
+    In and out: (B, N, hidden); attention probs (B, heads, N, N) or None.
+    """
+
+    def __init__(self, config: ViTConfig | Mapping[str, Any]):
+        super().__init__()
+        config = as_config(config)
+        self.layernorm_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = build_attention(config)
+        self.layernorm_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        attention_output, attention_probs = self.attention(self.layernorm_1(x), output_attentions=output_attentions)
+        x = x + attention_output
+        x = x + self.mlp(self.layernorm_2(x))
+        return x, attention_probs
+
+
+class Encoder(nn.Module):
+    """A stack of ``num_hidden_layers`` Blocks.
+
+    With ``gradient_checkpointing`` on, each block's activations are recomputed
+    in the backward pass instead of stored: less memory, about a third more
+    compute.
+    In and out: (B, N, hidden); attentions: a list with one (B, heads, N, N)
+    tensor per block, or None.
+    """
+
+    def __init__(self, config: ViTConfig | Mapping[str, Any]):
+        super().__init__()
+        config = as_config(config)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        all_attentions = []
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, attention_probs = checkpoint(block, x, output_attentions, use_reentrant=False)
+            else:
+                x, attention_probs = block(x, output_attentions=output_attentions)
+            all_attentions.append(attention_probs)
+        return x, (all_attentions if output_attentions else None)
+
+
+class ViTForClassification(nn.Module):
+    """The whole Vision Transformer: embeddings, encoder, classifier on the pooled token.
+
+    ``model(images)`` returns ``(logits, None)``;
+    ``model(images, output_attentions=True)`` returns ``(logits, attentions)``
+    with one (B, heads, tokens, tokens) tensor per block.
+    In: (B, num_channels, image_size, image_size). Out: logits (B, num_classes).
+    """
+
+    def __init__(self, config: ViTConfig | Mapping[str, Any]):
+        super().__init__()
+        self.config = as_config(config)
+        config = self.config
+        self.embedding = Embeddings(config)
+        self.encoder = Encoder(config)
+        # LayerNorm is per token, so normalising the pooled vector equals timm's and
+        # HF's "normalise the sequence, then take [CLS]", and timm's fc_norm for mean pooling.
+        self.final_layernorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+                                if config.final_layernorm else nn.Identity())
+        self.classifier = nn.Linear(config.hidden_size, config.num_classes)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The seed's initialisation: N(0, initializer_range) for weights, [CLS] and
+        positions (truncated at 2 std for the latter two), zero biases, unit LayerNorms."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, Embeddings):
+            nn.init.trunc_normal_(module.position_embeddings, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            nn.init.trunc_normal_(module.cls_token, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass to save activation memory."""
+        self.encoder.gradient_checkpointing = enable
+
+    def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, N, hidden) -> (B, hidden): the [CLS] output, or the mean of the patch outputs."""
+        if self.config.pooling == "mean":
+            return hidden_states[:, 1:].mean(dim=1)
+        return hidden_states[:, 0]
+
+    def forward_features(self, x: torch.Tensor, output_attentions: bool = False):
+        """Images -> (pooled, normalised representation (B, hidden), attentions or None)."""
+        hidden_states, all_attentions = self.encoder(self.embedding(x), output_attentions=output_attentions)
+        return self.final_layernorm(self.pool(hidden_states)), all_attentions
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        features, all_attentions = self.forward_features(x, output_attentions=output_attentions)
+        return self.classifier(features), all_attentions
+
+
+# The tutorial's spelling, so its code runs unchanged.
+ViTForClassfication = ViTForClassification
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, as the tutorial counts them."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

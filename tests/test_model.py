@@ -1,0 +1,206 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import vitcraft
+from vitcraft import ViTConfig, ViTForClassfication, ViTForClassification, count_parameters, create_model
+from vitcraft.model import (AttentionHead, Block, Embeddings, Encoder, FasterMultiHeadAttention, MLP,
+                            MultiHeadAttention, NewGELUActivation, PatchEmbeddings)
+
+# The tutorial's config, exactly as it writes it.
+SEED_CONFIG = {
+    "patch_size": 4, "hidden_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "intermediate_size": 4 * 48, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+    "initializer_range": 0.02, "image_size": 32, "num_classes": 10, "num_channels": 3,
+    "qkv_bias": True, "use_faster_attention": True,
+}
+BACKENDS = ["per_head", "fused", "sdpa"]
+
+
+def test_tutorial_config_has_tutorial_parameter_count():
+    model = ViTForClassfication(SEED_CONFIG)
+    assert count_parameters(model) == 119_098
+    assert count_parameters(create_model("seed-tiny")) == 119_098
+    # the per-head attention has the same parameters, arranged per head
+    assert count_parameters(ViTForClassification({**SEED_CONFIG, "use_faster_attention": False})) == 119_098
+
+
+def test_seed_dict_selects_modules_like_the_tutorial():
+    fast = ViTForClassification(SEED_CONFIG)
+    slow = ViTForClassification({**SEED_CONFIG, "use_faster_attention": False})
+    assert isinstance(fast.encoder.blocks[0].attention, FasterMultiHeadAttention)
+    assert fast.config.attention_backend == "sdpa"
+    assert isinstance(slow.encoder.blocks[0].attention, MultiHeadAttention)
+    assert slow.config.attention_backend == "per_head"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_shapes_and_attention_rows(backend):
+    model = ViTForClassification(ViTConfig(attention_backend=backend)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    logits, attentions = model(x)
+    assert logits.shape == (3, 10) and attentions is None
+    logits2, attentions = model(x, output_attentions=True)
+    torch.testing.assert_close(logits, logits2)
+    assert len(attentions) == 4
+    for a in attentions:
+        assert a.shape == (3, 4, 65, 65)
+        torch.testing.assert_close(a.sum(-1), torch.ones(3, 4, 65))
+        assert (a >= 0).all()
+
+
+def test_attention_rows_sum_to_one_in_training_mode_too():
+    model = ViTForClassification(ViTConfig(attention_backend="fused")).train()
+    _, attentions = model(torch.randn(2, 3, 32, 32), output_attentions=True)
+    torch.testing.assert_close(attentions[-1].sum(-1), torch.ones(2, 4, 65))
+
+
+@pytest.mark.parametrize("config", [
+    ViTConfig(),
+    ViTConfig(hidden_act="gelu", final_layernorm=True, layer_norm_eps=1e-6, qkv_bias=False),
+    ViTConfig(pooling="mean", final_layernorm=True, image_size=24, patch_size=6, num_attention_heads=6),
+])
+def test_backends_load_the_same_state_dict_and_agree(config):
+    models = {b: ViTForClassification(config.replace(attention_backend=b)).eval() for b in BACKENDS}
+    for source in BACKENDS:  # every backend's state dict loads into every other backend
+        state = models[source].state_dict()
+        for target in BACKENDS:
+            models[target].load_state_dict(state, strict=True)
+        x = torch.randn(4, 3, config.image_size, config.image_size)
+        outputs = {b: models[b](x)[0] for b in BACKENDS}
+        for b in BACKENDS:
+            torch.testing.assert_close(outputs[b], outputs[source], atol=1e-5, rtol=1e-5)
+        # and the per-head weights really are the fused weights, split
+        fused_qkv = models["fused"].encoder.blocks[0].attention.qkv_projection.weight
+        head1_key = models["per_head"].encoder.blocks[0].attention.heads[1].key.weight
+        size = config.attention_head_size
+        torch.testing.assert_close(head1_key, fused_qkv[config.hidden_size + size:config.hidden_size + 2 * size])
+
+
+def test_backends_agree_on_gradients():
+    config = ViTConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    x = torch.randn(2, 3, 32, 32)
+    reference = ViTForClassification(config.replace(attention_backend="fused"))
+    grads = {}
+    for backend in BACKENDS:
+        model = ViTForClassification(config.replace(attention_backend=backend))
+        model.load_state_dict(reference.state_dict())
+        model(x)[0].logsumexp(-1).sum().backward()
+        grads[backend] = model.embedding.patch_embeddings.projection.weight.grad
+    torch.testing.assert_close(grads["sdpa"], grads["fused"], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(grads["per_head"], grads["fused"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", vitcraft.list_models())
+def test_every_preset_gets_a_gradient_on_every_parameter(name):
+    overrides = {"num_hidden_layers": 1} if name != "seed-tiny" else {}
+    model = create_model(name, **overrides)
+    c = model.config
+    x = torch.randn(2, c.num_channels, c.image_size, c.image_size)
+    logits, _ = model(x)
+    assert logits.shape == (2, c.num_classes) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+def test_new_gelu_is_the_tanh_formula():
+    x = torch.linspace(-6, 6, 1001)
+    formula = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+    torch.testing.assert_close(NewGELUActivation()(x), formula, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(nn.GELU()(x), formula, atol=1e-5)  # exact GELU differs
+
+
+def test_component_shapes():
+    c = ViTConfig()
+    x = torch.randn(2, 3, 32, 32)
+    patches = PatchEmbeddings(c)(x)
+    assert patches.shape == (2, 64, 48)
+    emb = Embeddings(c)
+    tokens = emb(x)
+    assert tokens.shape == (2, 65, 48)
+    out, probs = AttentionHead(48, 12, 0.0)(tokens)
+    assert out.shape == (2, 65, 12) and probs.shape == (2, 65, 65)
+    assert MLP(c)(tokens).shape == (2, 65, 48)
+    y, probs = Block(c)(tokens, output_attentions=True)
+    assert y.shape == (2, 65, 48) and probs.shape == (2, 4, 65, 65)
+    y, all_probs = Encoder(c)(tokens)
+    assert y.shape == (2, 65, 48) and all_probs is None
+
+
+def test_patch_embedding_is_a_per_patch_linear_map():
+    c = ViTConfig()
+    pe = PatchEmbeddings(c)
+    x = torch.randn(1, 3, 32, 32)
+    out = pe(x)
+    # patch (row 1, col 2) flattened and multiplied by the conv kernel
+    patch = x[0, :, 4:8, 8:12].reshape(-1)
+    manual = pe.projection.weight.reshape(48, -1) @ patch + pe.projection.bias
+    torch.testing.assert_close(out[0, 1 * 8 + 2], manual, atol=1e-5, rtol=1e-5)
+
+
+def test_seed_initialisation():
+    torch.manual_seed(1)
+    model = create_model("vit-base-p4-32")
+    w = model.encoder.blocks[0].mlp.dense_1.weight
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert model.encoder.blocks[0].mlp.dense_1.bias.abs().max() == 0
+    pos = model.embedding.position_embeddings
+    assert pos.abs().max() <= 0.04 + 1e-6 and pos.std() > 0.01
+    assert (model.encoder.blocks[0].layernorm_1.weight == 1).all()
+
+
+def test_mean_pooling_uses_patch_tokens():
+    model = ViTForClassification(ViTConfig(pooling="mean", attention_backend="fused")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    hidden, _ = model.encoder(model.embedding(x))
+    torch.testing.assert_close(model(x)[0], model.classifier(hidden[:, 1:].mean(1)))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = ViTConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    a, b = ViTForClassification(config), ViTForClassification(config)
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    for m in (a, b):
+        m(x)[0].sum().backward()
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    model = create_model("seed-tiny")
+    with pytest.raises(ValueError, match=r"expected images of shape \(batch, 3, 32, 32\), got \(1, 1, 28, 28\)"):
+        model(torch.randn(1, 1, 28, 28))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hidden_size": 50}, "hidden_size (50) must be divisible by num_attention_heads (4)"),
+    ({"image_size": 30}, "image_size (30) must be divisible by patch_size (4)"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),
+    ({"patch_size": -4}, "patch_size must be a positive integer, got -4"),
+    ({"hidden_dropout_prob": 1.0}, "hidden_dropout_prob must be in [0, 1), got 1.0"),
+    ({"attention_probs_dropout_prob": -0.1}, "attention_probs_dropout_prob must be in [0, 1), got -0.1"),
+    ({"hidden_sise": 48}, "unknown model config key 'hidden_sise'; did you mean 'hidden_size'?"),
+    ({"attention_backend": "flash"}, "attention_backend must be one of per_head, fused, sdpa; got 'flash'"),
+    ({"pooling": "max"}, "pooling must be one of cls, mean; got 'max'"),
+    ({"hidden_act": "relu"}, "hidden_act must be one of gelu_tanh, gelu; got 'relu'"),
+])
+def test_bad_configs_fail_at_construction_naming_the_field(changes, message):
+    with pytest.raises(ValueError) as info:
+        ViTForClassification({**SEED_CONFIG, **changes})
+    assert str(info.value) == message
+
+
+def test_config_round_trip_and_presets():
+    c = ViTConfig.from_dict(SEED_CONFIG)
+    assert ViTConfig.from_dict(c.to_dict()) == c
+    assert "seed-tiny" in vitcraft.list_models()
+    assert {"vit-tiny-p16-224", "vit-small-p16-224", "vit-base-p16-224", "vit-tiny-p4-32"} <= set(vitcraft.list_models())
+    m = create_model("seed-tiny", num_classes=100)
+    assert m.classifier.out_features == 100
+    with pytest.raises(ValueError, match="unknown model 'seed-tiy'; did you mean 'seed-tiny'"):
+        create_model("seed-tiy")
