@@ -1,0 +1,5 @@
+import sys
+
+from vitcraft.cli import main
+
+sys.exit(main())

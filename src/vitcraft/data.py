@@ -1,0 +1,271 @@
+"""Datasets held in memory as uint8 tensors, and batches drawn from them.
+
+The tutorial decodes and transforms every image one by one in DataLoader
+workers, every epoch. Small image datasets fit in memory many times over, so
+vitcraft decodes a split once (cached on disk), keeps it as one uint8 tensor
+and augments whole batches with tensor operations (see ``augment.py``).
+
+Sources: a torchvision dataset name (``cifar10``, ``cifar100``, ``mnist``,
+``fashion-mnist``, ``svhn``) or a folder in ImageFolder layout with ``train/``
+and ``test/`` (or ``val/``) subfolders of one folder per class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vitcraft.errors import VitcraftError
+from vitcraft.io import atomic_write_json, save_tensors_atomic, load_tensors
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DOWNLOAD_TIMEOUT_SECONDS = 30
+
+
+@dataclass
+class ImageTensorDataset:
+    """One split of a dataset in memory.
+
+    images: (N, C, H, W) uint8; labels: (N,) int64; class_names: one per class.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def num_channels(self) -> int:
+        return self.images.shape[1]
+
+    def to(self, device: torch.device | str) -> "ImageTensorDataset":
+        return ImageTensorDataset(self.images.to(device), self.labels.to(device), self.class_names)
+
+
+# --------------------------------------------------------------- torchvision
+def _torchvision_sets():
+    from torchvision import datasets
+
+    # name -> (class, how the constructor names a split)
+    return {
+        "cifar10": (datasets.CIFAR10, "train_flag"),
+        "cifar100": (datasets.CIFAR100, "train_flag"),
+        "mnist": (datasets.MNIST, "train_flag"),
+        "fashion-mnist": (datasets.FashionMNIST, "train_flag"),
+        "svhn": (datasets.SVHN, "split_name"),
+    }
+
+
+TORCHVISION_NAMES = ("cifar10", "cifar100", "mnist", "fashion-mnist", "svhn")
+
+
+def _load_torchvision(name: str, split: str, root: Path) -> ImageTensorDataset:
+    cls, style = _torchvision_sets()[name]
+    kwargs = {"train": split == "train"} if style == "train_flag" else {"split": split}
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_SECONDS)  # never hang on an unreachable mirror
+    try:
+        dataset = cls(root=str(root), download=True, **kwargs)
+    except Exception as error:  # torchvision raises URLError, RuntimeError, OSError...
+        raise VitcraftError(
+            f"could not download or read the {name} dataset into {root} ({type(error).__name__}: {error}). "
+            f"Without internet, point --data at a local copy: a folder with train/ and test/ subfolders "
+            f"of one folder per class (ImageFolder layout), or put torchvision's {name} files in "
+            f"{root} (--data-root)") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    images = torch.as_tensor(np.asarray(dataset.data))
+    if images.ndim == 3:  # (N, H, W) grayscale -> (N, 1, H, W)
+        images = images.unsqueeze(1)
+    elif images.shape[-1] in (1, 3):  # (N, H, W, C) -> (N, C, H, W)
+        images = images.permute(0, 3, 1, 2)
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = dataset.labels
+    classes = list(getattr(dataset, "classes", [])) or [str(i) for i in range(int(max(labels)) + 1)]
+    return ImageTensorDataset(images.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.int64), classes)
+
+
+# -------------------------------------------------------------- image folder
+def find_split_dirs(root: Path) -> tuple[Path, Path]:
+    """The (train, test) folders of an ImageFolder-layout dataset, with clear errors."""
+    if not root.exists():
+        raise VitcraftError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise VitcraftError(f"--data {root} is neither a folder nor a known dataset name "
+                            f"({', '.join(TORCHVISION_NAMES)})")
+    train = root / "train"
+    test = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
+    if not train.is_dir() or test is None:
+        raise VitcraftError(
+            f"data folder {root} must hold a train/ and a test/ (or val/) subfolder, each with one folder "
+            f"per class; found: {', '.join(sorted(p.name for p in root.iterdir())) or 'nothing'}")
+    return train, test
+
+
+def _list_images(split_dir: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    class_names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_names:
+        raise VitcraftError(f"{split_dir} has no class subfolders (expected {split_dir}/<class>/<image>)")
+    files = []
+    for index, name in enumerate(class_names):
+        for path in sorted((split_dir / name).iterdir()):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+                files.append((path, index))
+    if not files:
+        raise VitcraftError(f"{split_dir} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files, class_names
+
+
+def read_image(path: Path | str, mode: str, image_size: int | None) -> np.ndarray:
+    """Decode one image file to a (H, W, C) uint8 array in ``mode`` ("RGB" or "L").
+
+    With ``image_size``, it is resized to image_size x image_size (as the
+    tutorial's ``Resize((size, size))``). Unreadable files raise VitcraftError naming the file.
+    """
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            if image_size is not None and image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.BILINEAR)
+            array = np.array(image, dtype=np.uint8)  # a writable copy
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise VitcraftError(f"cannot read image {path}: {error}") from None
+    return array.reshape(array.shape[0], array.shape[1], -1)
+
+
+def probe_folder(root: Path) -> tuple[str, int]:
+    """(mode, image_size) of a folder dataset, from its first training image."""
+    train, _ = find_split_dirs(root)
+    files, _ = _list_images(train)
+    path = files[0][0]
+    try:
+        with Image.open(path) as image:
+            mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
+            return mode, max(image.size)
+    except (UnidentifiedImageError, OSError) as error:
+        raise VitcraftError(f"cannot read image {path}: {error}") from None
+
+
+def _decode_folder(split_dir: Path, mode: str, image_size: int) -> ImageTensorDataset:
+    files, class_names = _list_images(split_dir)
+    channels = 1 if mode == "L" else 3
+    images = torch.empty(len(files), channels, image_size, image_size, dtype=torch.uint8)
+    for i, (path, _) in enumerate(files):
+        images[i] = torch.from_numpy(read_image(path, mode, image_size)).permute(2, 0, 1)  # HWC -> CHW
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ImageTensorDataset(images, labels, class_names)
+
+
+def _folder_fingerprint(split_dir: Path, mode: str, image_size: int) -> str:
+    """Changes when any file is added, removed, resized or touched."""
+    digest = hashlib.sha1(f"{split_dir.resolve()}|{mode}|{image_size}|v1".encode())
+    for path in sorted(split_dir.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(split_dir)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_folder_cached(split_dir: Path, mode: str, image_size: int, cache_dir: Path | None) -> ImageTensorDataset:
+    if cache_dir is None:
+        return _decode_folder(split_dir, mode, image_size)
+    key = _folder_fingerprint(split_dir, mode, image_size)
+    cache_file = cache_dir / f"{split_dir.parent.name}-{split_dir.name}-{key}.safetensors"
+    if cache_file.exists():
+        try:
+            tensors, metadata = load_tensors(cache_file)
+            return ImageTensorDataset(tensors["images"], tensors["labels"], json.loads(metadata["class_names"]))
+        except (VitcraftError, KeyError, json.JSONDecodeError):
+            pass  # a damaged cache is rebuilt, never trusted
+    dataset = _decode_folder(split_dir, mode, image_size)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(cache_file, {"images": dataset.images, "labels": dataset.labels},
+                        {"class_names": json.dumps(dataset.class_names)})
+    return dataset
+
+
+# -------------------------------------------------------------------- public
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VITCRAFT_CACHE", Path.home() / ".cache" / "vitcraft"))
+
+
+def load_splits(data: str, data_root: Path | None = None, image_size: int | None = None,
+                cache_dir: Path | None = None) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    """(train, test) splits of a torchvision dataset name or an ImageFolder-layout folder.
+
+    ``image_size`` resizes every image to that square size (default: the data's own size).
+    Folder datasets are decoded once and cached as uint8 in ``cache_dir``.
+    """
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    name = data.lower()
+    if name in TORCHVISION_NAMES and not Path(data).is_dir():
+        root = data_root or cache_dir / "datasets"
+        train, test = (_load_torchvision(name, split, root) for split in ("train", "test"))
+        if image_size is not None and image_size != train.image_size:
+            train, test = resize_dataset(train, image_size), resize_dataset(test, image_size)
+        return train, test
+    root = Path(data).expanduser()
+    train_dir, test_dir = find_split_dirs(root)
+    mode, probed_size = probe_folder(root)
+    size = image_size or probed_size
+    train = _load_folder_cached(train_dir, mode, size, cache_dir)
+    test = _load_folder_cached(test_dir, mode, size, cache_dir)
+    if test.class_names != train.class_names:
+        raise VitcraftError(f"{test_dir} and {train_dir} have different class folders: "
+                            f"{test.class_names} vs {train.class_names}")
+    return train, test
+
+
+def resize_dataset(dataset: ImageTensorDataset, image_size: int) -> ImageTensorDataset:
+    """All images bilinearly resized to image_size x image_size (still uint8)."""
+    resized = []
+    for chunk in dataset.images.split(4096):
+        chunk = torch.nn.functional.interpolate(chunk.float(), size=(image_size, image_size),
+                                                mode="bilinear", align_corners=False, antialias=True)
+        resized.append(chunk.round().clamp(0, 255).to(torch.uint8))
+    return ImageTensorDataset(torch.cat(resized), dataset.labels, dataset.class_names)
+
+
+def epoch_indices(num_samples: int, seed: int, epoch: int, shuffle: bool,
+                  rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The sample order of one epoch for one rank (DistributedSampler semantics).
+
+    The order depends only on (seed, epoch), so a resumed run sees the same
+    batches. With several ranks the order is padded by repetition to a
+    multiple of world_size and rank r takes every world_size-th index from r.
+    """
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(num_samples, generator=generator)
+    else:
+        order = torch.arange(num_samples)
+    if world_size > 1:
+        padded = -(-num_samples // world_size) * world_size
+        order = torch.cat([order, order[: padded - num_samples]])
+        order = order[rank::world_size]
+    return order
+
+
+def iterate_batches(dataset: ImageTensorDataset, order: torch.Tensor, batch_size: int,
+                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 images (b, C, H, W), labels (b,)) in ``order``."""
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        index = order[start:start + batch_size].to(dataset.images.device)
+        yield dataset.images[index], dataset.labels[index]

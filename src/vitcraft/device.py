@@ -1,0 +1,76 @@
+"""Everything that differs between CUDA, Apple MPS and the CPU, in one small place.
+
+- which device: CUDA, then MPS, then the CPU, unless one is named;
+- which autocast dtype a precision name means there, and whether fp16 needs
+  a gradient scaler (only fp16 does: bf16 has fp32's exponent range);
+- the distributed backend: NCCL for CUDA, gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from vitcraft.errors import VitcraftError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda if available, else mps, else cpu; or the named device, checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VitcraftError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VitcraftError("--device cuda was asked for but no CUDA device is available")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise VitcraftError("--device mps was asked for but MPS is not available")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for a precision name on a device (None: plain fp32).
+
+    "auto" picks bf16 on CUDA where supported, else fp16; fp32 on the CPU
+    (bf16 only pays off there for wide models: see benchmarks/) and on MPS.
+    """
+    if precision not in PRECISIONS:
+        raise VitcraftError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The autocast context for ``dtype``, or a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A loss scaler, enabled only for fp16 (whose small range underflows gradients)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def distributed_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (respects taskset/cgroup affinity where the OS tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1

@@ -1,0 +1,395 @@
+"""Pictures of a ViT and its training: attention maps, sample images, curves, confusion.
+
+Two kinds of function live here:
+
+* tensor functions, no plotting: ``cls_attention_map`` and ``attention_rollout``
+  turn the model's attention probabilities into one (g x g) map per image over
+  the patch grid, ``upsample_map`` stretches such maps to image size, and
+  ``confusion_matrix`` counts (true, predicted) pairs;
+* plot functions, which each write one PNG and return its path:
+  ``plot_attention_overlays``, ``plot_samples``, ``plot_curves``, ``plot_confusion``.
+
+The plots are drawn on ``matplotlib.figure.Figure`` objects that pyplot never
+sees: nothing needs a display, no global backend is switched, and no figure
+stays open after a call (the Figure is freed with its last reference).
+Sizes are fixed (no ``bbox_inches="tight"``), so a PNG's pixel size is its
+figure size in inches times ``dpi``.
+
+Typical use after training::
+
+    model.eval()
+    with torch.no_grad():
+        logits, attentions = model(normalised_images, output_attentions=True)
+    maps = cls_attention_map(attentions)  # (B, g, g)
+    plot_attention_overlays(display_images, maps, [names[i] for i in labels],
+                            [names[i] for i in logits.argmax(1)], run_dir / "attention.png")
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+DPI = 100  # pixels per inch of every saved PNG
+OVERLAY_PANEL = (3.0, 3.3)  # (width, height) in inches of one overlay subplot, title included
+SAMPLE_PANEL = 2.5  # side in inches of one sample-grid subplot
+CURVES_SIZE = (16.0, 4.5)  # the three-panel training-curves figure, inches
+MAX_OVERLAYS = 10  # overlay figure: at most 2 rows of 5
+MAX_SAMPLES = 16  # sample figure: at most 4 rows of 4
+MAX_ANNOTATED_CLASSES = 30  # above this many classes the confusion cells carry no numbers
+TITLE_CHARS = 30  # about what fits over one 3-inch panel at 10 pt; longer titles wrap or shorten
+
+
+# --------------------------------------------------------------------------- attention maps
+def _check_attentions(attentions: Sequence[torch.Tensor]) -> int:
+    """Validate the model's attention list; return the patch-grid side g."""
+    if isinstance(attentions, torch.Tensor) or len(attentions) == 0:
+        raise ValueError("attentions must be a non-empty list of (B, heads, tokens, tokens) tensors, "
+                         "as returned by model(x, output_attentions=True)")
+    for i, attention in enumerate(attentions):
+        if attention is None:
+            raise ValueError(f"attentions[{i}] is None: call the model with output_attentions=True")
+        if attention.ndim != 4 or attention.shape[-1] != attention.shape[-2]:
+            raise ValueError(f"attentions[{i}] must have shape (B, heads, tokens, tokens), "
+                             f"got {tuple(attention.shape)}")
+    num_patches = attentions[0].shape[-1] - 1  # token 0 is [CLS]
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} patch tokens do not form a square grid")
+    return side
+
+
+def _select_head(attention: torch.Tensor, head: int | str) -> torch.Tensor:
+    """(B, heads, N, N) -> (B, N, N): the mean over heads, or one head."""
+    if head == "mean":
+        return attention.float().mean(dim=1)
+    num_heads = attention.shape[1]
+    if isinstance(head, bool) or not isinstance(head, int) or not -num_heads <= head < num_heads:
+        raise ValueError(f"head must be 'mean' or an integer in [-{num_heads}, {num_heads}), got {head!r}")
+    return attention[:, head].float()
+
+
+def _cls_row_to_grid(matrix: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, N, N) token-to-token matrix -> (B, g, g): row 0 ([CLS]) over the patch columns."""
+    cls_to_patches = matrix[:, 0, 1:]  # (B, g*g), patches in row-major grid order
+    return cls_to_patches.reshape(-1, side, side)  # (B, g, g)
+
+
+def cls_attention_map(attentions: Sequence[torch.Tensor], layer: int = -1,
+                      head: int | str = "mean") -> torch.Tensor:
+    """How much the [CLS] token attends to each patch in one layer.
+
+    ``attentions`` is the list ``model(x, output_attentions=True)`` returns: one
+    (B, heads, 1 + g*g, 1 + g*g) tensor per block. ``layer`` indexes that list
+    (negative counts from the end); ``head`` is ``"mean"`` (average the heads)
+    or one head index. The values are the raw attention probabilities, so a
+    map sums to 1 minus what [CLS] gives itself.
+    Out: float tensor (B, g, g), cell (r, c) is the patch in grid row r, column c.
+    """
+    side = _check_attentions(attentions)
+    num_layers = len(attentions)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
+        raise ValueError(f"layer must be an integer in [-{num_layers}, {num_layers}), got {layer!r}")
+    return _cls_row_to_grid(_select_head(attentions[layer], head), side)
+
+
+def attention_rollout(attentions: Sequence[torch.Tensor], head: int | str = "mean") -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020): how much each patch flows into [CLS] over all layers.
+
+    A single layer's map ignores that tokens were already mixed by the layers
+    before. Rollout follows the mixing through the whole stack: per layer it
+    takes A = attention (head mean, or one head) + identity, the identity
+    standing for the residual connection, renormalises each row to sum to 1,
+    and multiplies the layers, first layer rightmost:
+    rollout = A_L @ ... @ A_2 @ A_1. The [CLS] row of the product, over the
+    patch columns, is the map.
+
+    Normalisation: each map is divided by its sum, so it is a distribution
+    over the patches (sums to 1; uniform attention gives 1 / g^2 everywhere).
+    The raw row sums to 1 minus the share that stayed with [CLS], which varies
+    with depth and would make maps of different models incomparable. If no
+    attention reaches the patches at all (every layer's [CLS] attends only to
+    itself, e.g. identity attention), the map stays all zeros rather than NaN.
+    In: list of (B, heads, 1 + g*g, 1 + g*g). Out: float tensor (B, g, g).
+    """
+    side = _check_attentions(attentions)
+    rollout = None
+    for attention in attentions:
+        mixed = _select_head(attention, head)  # (B, N, N)
+        mixed = mixed + torch.eye(mixed.shape[-1], dtype=mixed.dtype, device=mixed.device)
+        mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+        # later layers multiply from the left: rollout = A_l @ (A_{l-1} @ ... @ A_1)
+        rollout = mixed if rollout is None else mixed @ rollout
+    maps = _cls_row_to_grid(rollout, side)  # (B, g, g)
+    total = maps.sum(dim=(-2, -1), keepdim=True)  # (B, 1, 1)
+    return maps / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def upsample_map(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize patch-grid maps to image size (align_corners=False).
+
+    In: (B, g, g). ``size``: H (square) or (H, W). Out: float tensor (B, H, W).
+    With align_corners=False each grid cell's value sits at its patch's centre,
+    so the hot spot of a cell lands on that patch's pixels.
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"maps must have shape (B, g, g), got {tuple(maps.shape)}")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    resized = F.interpolate(maps.float().unsqueeze(1), size=size, mode="bilinear",
+                            align_corners=False)  # (B, 1, H, W)
+    return resized.squeeze(1)  # (B, H, W)
+
+
+def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Count how often each true class was predicted as each class.
+
+    In: predictions and targets, integer tensors of the same shape (any), values
+    in [0, num_classes). Out: LongTensor (K, K); entry [t, p] counts samples of
+    true class t predicted as p, so rows are true classes, columns predictions,
+    and the diagonal holds the correct ones.
+    """
+    predictions, targets = torch.as_tensor(predictions).flatten(), torch.as_tensor(targets).flatten()
+    if predictions.shape != targets.shape:
+        raise ValueError(f"predictions ({predictions.numel()}) and targets ({targets.numel()}) "
+                         "must have the same number of elements")
+    for name, values in (("predictions", predictions), ("targets", targets)):
+        if values.numel() and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got values from "
+                             f"{int(values.min())} to {int(values.max())}")
+    # each (t, p) pair gets its own bin t * K + p
+    counts = torch.bincount(targets.long() * num_classes + predictions.long(), minlength=num_classes ** 2)
+    return counts.reshape(num_classes, num_classes).cpu()  # (K, K)
+
+
+# --------------------------------------------------------------------------- plotting helpers
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Write the figure as PNG (creating parent folders) and release it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    fig.clear()  # drop the artists now; the Figure itself is not registered anywhere
+    return path
+
+
+def _to_hwc(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
+    """(C, H, W) tensor in [0, 1] -> (array for imshow, cmap): (H, W) gray or (H, W, 3) colour."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"each image must have shape (1 or 3, H, W), got {tuple(image.shape)}")
+    array = image.detach().float().clamp(0, 1).cpu()
+    if array.shape[0] == 1:
+        return array[0].numpy(), "gray"  # (H, W)
+    return array.permute(1, 2, 0).numpy(), None  # (H, W, 3)
+
+
+def _show_image(ax, image: torch.Tensor) -> None:
+    """Draw one (C, H, W) image in [0, 1] on ``ax``; grayscale gets the gray colour map."""
+    array, cmap = _to_hwc(image)
+    ax.imshow(array, cmap=cmap, vmin=0.0, vmax=1.0)
+    ax.axis("off")
+
+
+def _short(name: str, limit: int = TITLE_CHARS) -> str:
+    """``name`` cut to ``limit`` characters with an ellipsis, so it cannot run into the next panel."""
+    name = str(name)
+    return name if len(name) <= limit else name[:limit - 1] + "\u2026"
+
+
+def _overlay_title(true_name: str, pred_name: str) -> str:
+    """ "GT: x | Pred: y", on two lines when one line would not fit over the panel."""
+    title = f"GT: {true_name} | Pred: {pred_name}"
+    if len(title) <= TITLE_CHARS:
+        return title
+    return f"GT: {_short(true_name, TITLE_CHARS - 4)}\nPred: {_short(pred_name, TITLE_CHARS - 6)}"
+
+
+def _grid(fig: Figure, count: int, columns: int) -> list:
+    """A rows x columns subplot grid with enough cells for ``count``; surplus cells hidden."""
+    rows = max(1, math.ceil(count / columns))
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.axis("off")
+    return list(axes[:count])
+
+
+# --------------------------------------------------------------------------- attention overlays
+def _attention_overlay_figure(images: torch.Tensor, maps: torch.Tensor, true_names: Sequence[str],
+                              pred_names: Sequence[str], title: str | None = None) -> Figure:
+    """Build (without saving) the figure of ``plot_attention_overlays``."""
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+    count = min(len(images), MAX_OVERLAYS)
+    if len(maps) < count or len(true_names) < count or len(pred_names) < count:
+        raise ValueError(f"need a map, a true name and a predicted name for each of the {count} images")
+    columns = min(count, 5)
+    rows = math.ceil(count / columns)
+    fig = Figure(figsize=(OVERLAY_PANEL[0] * columns, OVERLAY_PANEL[1] * rows + (0.4 if title else 0)),
+                 layout="constrained")
+    heat = upsample_map(maps[:count].detach(), tuple(images.shape[-2:])).cpu().numpy()  # (n, H, W)
+    for i, ax in enumerate(_grid(fig, count, columns)):
+        _show_image(ax, images[i])
+        # each map is stretched to its own min..max: red is where this image's attention is highest
+        ax.imshow(heat[i], cmap="jet", alpha=0.6)
+        if true_names[i] is None:  # a user's own image: no ground truth to compare with
+            ax.set_title(_short(f"Pred: {pred_names[i]}"), fontsize=10, color="black")
+            continue
+        correct = true_names[i] == pred_names[i]
+        ax.set_title(_overlay_title(true_names[i], pred_names[i]), fontsize=10,
+                     color="green" if correct else "red")
+    if title:
+        fig.suptitle(title, fontsize=13)
+    return fig
+
+
+def plot_attention_overlays(images: torch.Tensor, maps: torch.Tensor, true_names: Sequence[str],
+                            pred_names: Sequence[str], path: str | Path, title: str | None = None) -> Path:
+    """Overlay attention maps on their images, the seed tutorial's closing figure.
+
+    ``images``: (B, C, H, W) floats in [0, 1] (un-normalised; C = 1 shown in
+    gray, C = 3 in colour). ``maps``: (B, g, g) from ``cls_attention_map`` or
+    ``attention_rollout`` (any (B, h, w) works), bilinearly resized to H x W
+    and drawn with the "jet" colour map at alpha 0.6, each stretched to its own
+    range. ``true_names`` / ``pred_names``: class name per image (a true name of
+    None, for an image without a label, gives a black "Pred: y" title). The first 10
+    images are drawn, 5 per row; titles read "GT: x | Pred: y", green when the
+    two agree, red otherwise. Size: 300 x 330 pixels per image (+40 with a title).
+    Returns ``path``.
+    """
+    return _save(_attention_overlay_figure(images, maps, true_names, pred_names, title), path)
+
+
+# --------------------------------------------------------------------------- sample images
+def _samples_figure(images: torch.Tensor, labels: Sequence[int] | torch.Tensor,
+                    class_names: Sequence[str]) -> Figure:
+    """Build (without saving) the figure of ``plot_samples``."""
+    fig = Figure(figsize=(4 * SAMPLE_PANEL, 4 * SAMPLE_PANEL + 0.4), layout="constrained")
+    count = min(len(images), MAX_SAMPLES)
+    # always a 4 x 4 grid, so the PNG has the same size whatever the batch
+    axes = fig.subplots(4, 4, squeeze=False).ravel()
+    for i, ax in enumerate(axes):
+        if i >= count:
+            ax.axis("off")
+            continue
+        _show_image(ax, images[i])
+        ax.set_title(_short(class_names[int(labels[i])], 24), fontsize=11)
+    fig.suptitle("Training images as the model sees them (after augmentation)", fontsize=13)
+    return fig
+
+
+def plot_samples(images: torch.Tensor, labels: Sequence[int] | torch.Tensor,
+                 class_names: Sequence[str], path: str | Path) -> Path:
+    """A 4 x 4 grid of training images titled with their class names.
+
+    ``images``: (B, C, H, W) floats in [0, 1] (augmented, un-normalised); the
+    first 16 are drawn. ``labels``: B class indices into ``class_names``.
+    Size: 1000 x 1040 pixels. Returns ``path``.
+    """
+    return _save(_samples_figure(images, labels, class_names), path)
+
+
+# --------------------------------------------------------------------------- training curves
+def _curves_figure(metrics: Sequence[Mapping[str, float]], lrs: Sequence[float]) -> Figure:
+    """Build (without saving) the figure of ``plot_curves``."""
+    fig = Figure(figsize=CURVES_SIZE, layout="constrained")
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+
+    def series(key: str) -> tuple[list, list]:
+        """(epochs, values) of the epochs that recorded ``key``."""
+        rows = [m for m in metrics if m.get(key) is not None]
+        return [m["epoch"] for m in rows], [m[key] for m in rows]
+
+    for key, label in (("train_loss", "train loss"), ("test_loss", "test loss")):
+        epochs, values = series(key)
+        if values:
+            loss_ax.plot(epochs, values, marker="o", markersize=3, label=label)
+    loss_ax.set(xlabel="Epoch", ylabel="Cross-entropy loss", title="Training and test loss")
+    if loss_ax.lines:
+        loss_ax.legend()
+
+    epochs, accuracy = series("test_acc")
+    acc_ax.plot(epochs, [100 * a for a in accuracy], marker="o", markersize=3, color="tab:green")
+    acc_ax.set(xlabel="Epoch", ylabel="Accuracy (%)", title="Test accuracy")
+
+    lr_ax.plot(range(len(lrs)), list(lrs), color="tab:purple")
+    if not lrs:
+        lr_ax.text(0.5, 0.5, "no learning rates recorded", ha="center", va="center",
+                   transform=lr_ax.transAxes, color="gray")
+        lr_ax.set(xticks=[], yticks=[])  # an empty panel's default ticks would suggest data
+    lr_ax.set(xlabel="Optimizer step", ylabel="Learning rate", title="Learning-rate schedule")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+
+    for ax in (loss_ax, acc_ax, lr_ax):
+        ax.grid(alpha=0.3)
+    epochs = sorted({m["epoch"] for m in metrics if "epoch" in m})
+    for ax in (loss_ax, acc_ax):
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)  # few epochs: tick each one (the locator would pick 0.96, 0.98, ...)
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
+    return fig
+
+
+def plot_curves(metrics: Sequence[Mapping[str, float]], lrs: Sequence[float], path: str | Path) -> Path:
+    """Three panels: train/test loss per epoch, test accuracy (%) per epoch, learning rate per step.
+
+    ``metrics``: one dict per epoch with keys ``epoch``, ``train_loss``,
+    ``test_loss`` and ``test_acc`` (a fraction in [0, 1], drawn as %); epochs
+    missing a key are skipped in that curve. ``lrs``: the learning rate of
+    every optimizer step, in order. Size: 1600 x 450 pixels. Returns ``path``.
+    """
+    return _save(_curves_figure(metrics, lrs), path)
+
+
+# --------------------------------------------------------------------------- confusion matrix
+def _confusion_figure(matrix: torch.Tensor, class_names: Sequence[str]) -> Figure:
+    """Build (without saving) the figure of ``plot_confusion``."""
+    counts = torch.as_tensor(matrix).long().cpu()
+    num_classes = counts.shape[0]
+    if counts.shape != (num_classes, num_classes) or len(class_names) != num_classes:
+        raise ValueError(f"need a square (K, K) matrix and K class names, got {tuple(counts.shape)} "
+                         f"and {len(class_names)} names")
+    per_class = counts.diagonal() / counts.sum(dim=1).clamp(min=1)  # recall of each true class
+    total = int(counts.sum())
+    overall = counts.diagonal().sum() / max(total, 1)
+
+    side = min(4.0 + 0.55 * num_classes, 24.0)  # inches; grows with K up to a cap
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(counts.numpy(), cmap="Blues", vmin=0)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="Number of test images")
+
+    ax.set_xticks(range(num_classes), [str(name) for name in class_names], rotation=45, ha="right")
+    row_labels = [f"{name} ({100 * acc:.0f}%)" if counts[i].sum() else f"{name} (n/a)"
+                  for i, (name, acc) in enumerate(zip(class_names, per_class.tolist()))]
+    ax.set_yticks(range(num_classes), row_labels)
+    ax.set_xlabel("Predicted class")
+    ax.set_ylabel("True class (per-class accuracy)")
+    ax.set_title(f"Confusion matrix: {total} images, {100 * float(overall):.1f}% correct")
+
+    if num_classes <= MAX_ANNOTATED_CLASSES:
+        fontsize = 10 if num_classes <= 12 else 7
+        threshold = counts.max().item() / 2  # white text on the dark half of the colour map
+        for t in range(num_classes):
+            for p in range(num_classes):
+                value = int(counts[t, p])
+                ax.text(p, t, str(value), ha="center", va="center", fontsize=fontsize,
+                        color="white" if value > threshold else "black")
+    return fig
+
+
+def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: str | Path) -> Path:
+    """Draw a confusion matrix: counts in the cells, per-class accuracy beside the rows.
+
+    ``matrix``: (K, K) counts from ``confusion_matrix`` (rows true class,
+    columns predicted). ``class_names``: K names, on both axes (x rotated).
+    Each y label carries the accuracy of that true class (diagonal / row sum);
+    the title carries the overall accuracy. Cells get numbers up to 30 classes.
+    Size: (5.5 + 0.55 K) x (4 + 0.55 K) inches at 100 dpi, capped at 25.5 x 24.
+    Returns ``path``.
+    """
+    return _save(_confusion_figure(matrix, class_names), path)
