@@ -84,8 +84,8 @@ def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, f
     # torchvision draws top in [0, H - h] and left in [0, W - w] uniformly
     top = (torch.rand(batch, generator=generator) * (height - chosen_h + 1)).floor()
     left = (torch.rand(batch, generator=generator) * (width - chosen_w + 1)).floor()
-    top = torch.where(first >= 0, top, ((height - chosen_h) / 2).round())
-    left = torch.where(first >= 0, left, ((width - chosen_w) / 2).round())
+    top = torch.where(first >= 0, top, ((height - chosen_h) / 2).floor())
+    left = torch.where(first >= 0, left, ((width - chosen_w) / 2).floor())
     return torch.stack([top, left, chosen_h, chosen_w], dim=1)
 
 

@@ -136,14 +136,11 @@ def run_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from vitcraft.train import RUN_CONFIG_FILE, RunConfig, train
-    from vitcraft.io import read_json
+    from vitcraft.train import load_run_config, train
 
     if args.resume:
         out = Path(args.resume)
-        if not (out / RUN_CONFIG_FILE).is_file():
-            raise VitcraftError(f"cannot resume: {out} holds no run ({RUN_CONFIG_FILE} is missing)")
-        run = RunConfig.from_dict(read_json(out / RUN_CONFIG_FILE)["run"])
+        run = load_run_config(out)
         if args.epochs is not None:  # the one thing a resumed run may change: train longer
             run.train.epochs = args.epochs
         train(run, out, resume=True, progress=True, figures=not args.no_figures)
@@ -234,7 +231,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_viz(args: argparse.Namespace) -> None:
-    from vitcraft.figures import NUM_OVERLAYS, draw_overlays
+    from vitcraft.figures import draw_overlays, overlay_examples
 
     model, metadata, normalization, _ = _load(args.run_dir, "cpu")
     head = args.head if args.head == "mean" else _int_flag("--head", args.head)
@@ -242,7 +239,7 @@ def cmd_viz(args: argparse.Namespace) -> None:
         images, labels = _read_images(args.images, metadata), [None] * len(args.images)
     else:
         test_set = _run_test_set(Path(args.run_dir), args, metadata)
-        images, labels = test_set.images[:NUM_OVERLAYS], test_set.labels[:NUM_OVERLAYS].tolist()
+        images, labels = overlay_examples(test_set)
     out = Path(args.out) if args.out else Path(args.run_dir) / f"viz-{args.method}.png"
     what = "attention rollout" if args.method == "rollout" else f"[CLS] attention, block {args.layer}"
     try:

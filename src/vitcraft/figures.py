@@ -58,6 +58,16 @@ def draw_overlays(path: Path, model: nn.Module, images: torch.Tensor, normalizat
     return viz.plot_attention_overlays(images.float().cpu() / 255, maps.cpu(), true, predicted, path, title)
 
 
+def overlay_examples(dataset: ImageTensorDataset, count: int = NUM_OVERLAYS) -> tuple[torch.Tensor, list[int]]:
+    """``count`` fixed test images (uint8 (n, C, H, W)) and labels, drawn at random with seed 0.
+
+    Random rather than the first ones, because folder datasets are sorted by
+    class and the first ten would all be one class.
+    """
+    index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
+    return dataset.images[index.to(dataset.images.device)].cpu(), dataset.labels[index.to(dataset.labels.device)].tolist()
+
+
 @torch.no_grad()
 def predict_all(model: nn.Module, dataset: ImageTensorDataset, normalization: Normalization,
                 batch_size: int = 1000) -> torch.Tensor:
@@ -75,8 +85,7 @@ def draw_run_figures(run_dir: Path, model: nn.Module, test_set: ImageTensorDatas
     run_dir = Path(run_dir)
     names = test_set.class_names
     paths = [viz.plot_curves(history, lrs, run_dir / "curves.png")]
-    images = test_set.images[:NUM_OVERLAYS].cpu()
-    labels = test_set.labels[:NUM_OVERLAYS].tolist()
+    images, labels = overlay_examples(test_set)
     paths.append(draw_overlays(run_dir / "attention.png", model, images, normalization, names, labels, "cls",
                                title="[CLS] attention to the patches, last block, mean over heads"))
     paths.append(draw_overlays(run_dir / "rollout.png", model, images, normalization, names, labels, "rollout",

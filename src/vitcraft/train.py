@@ -111,6 +111,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
+    def __post_init__(self) -> None:
+        # fail on a bad preset name or model key before any data is loaded
+        check_keys(self.model, get_preset(self.preset).config_class.field_names(), what="model config key")
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
         check_keys(values, ["preset", "model", "train", "data"], what="run config section")
@@ -123,6 +127,14 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def load_run_config(run_dir: Path | str) -> RunConfig:
+    """The RunConfig a run directory was started with."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise VitcraftError(f"{run_dir} holds no run ({RUN_CONFIG_FILE} is missing)")
+    return RunConfig.from_dict(read_json(path)["run"])
 
 
 def load_run_config_file(path: Path | str) -> dict[str, Any]:
@@ -182,7 +194,6 @@ def resolve_model_config(run: RunConfig, train_set: ImageTensorDataset):
     """The preset's config with the data's image size, channels and classes, then the user's overrides."""
     from_data = {"image_size": train_set.image_size, "num_channels": train_set.num_channels,
                  "num_classes": len(train_set.class_names)}
-    get_preset(run.preset)  # a clear error for an unknown name before anything else
     try:
         return preset_config(run.preset, **{**from_data, **run.model})
     except ValueError as error:
@@ -300,7 +311,6 @@ def _prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
                             f"to continue it, --overwrite to replace it, or another --out")
     for name in existing:
         (out_dir / name).unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -315,10 +325,12 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
 
 def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: bool = False,
           progress: bool = True, figures: bool = True, log=print) -> dict[str, Any]:
-    """Train (or resume) a run into ``out_dir``; return its last metrics record."""
+    """Train (or resume) a run into ``out_dir``; return its last metrics record.
+
+    To resume, pass the run's own config (``load_run_config(out_dir)``), with
+    more epochs if it should train longer.
+    """
     out_dir = Path(out_dir)
-    if resume:
-        run = RunConfig.from_dict(read_json(out_dir / RUN_CONFIG_FILE)["run"]) if (out_dir / RUN_CONFIG_FILE).is_file() else run
     cfg = run.train
     ddp, device = _setup_distributed(cfg)
     if ddp.is_main:

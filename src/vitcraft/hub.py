@@ -1,0 +1,222 @@
+"""Hub-style model folders: ``config.json`` + ``model.safetensors``.
+
+:func:`save_pretrained` writes a vitcraft folder; :func:`from_pretrained` reads
+one, and also a Hugging Face ViT folder (``model_type: "vit"``) or a timm
+folder (``"architecture"`` in config.json), converting through
+:mod:`vitcraft.interop`. Weights are read from safetensors or, failing that,
+from a PyTorch ``.bin`` through ``torch.load(weights_only=True)``, which refuses
+anything but tensors: nothing in a folder can run code when loaded.
+
+Layout of a vitcraft folder's config.json::
+
+    {"model_type": "vitcraft-vit", <every ViTConfig field>,
+     "metadata": {"class_names": [...], "mean": [...], "std": [...], ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from vitcraft import interop
+from vitcraft.config import ViTConfig
+from vitcraft.errors import VitcraftError
+from vitcraft.io import atomic_write_json, load_tensors, read_json, save_tensors_atomic
+from vitcraft.model import ViTForClassification
+
+MODEL_TYPE = "vitcraft-vit"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Searched in this order: safetensors first (no pickle at all), then timm's
+# open_clip-style names, then PyTorch pickles (read with weights_only=True).
+WEIGHTS_NAMES = ("model.safetensors", "open_clip_model.safetensors",
+                 "pytorch_model.bin", "open_clip_pytorch_model.bin")
+METADATA_KEY = "metadata"
+
+TIMM_POOLING = {"token": "cls", "avg": "mean"}  # timm global_pool -> vitcraft pooling
+# timm architecture size -> heads, for timm folders whose config.json has no model_args.
+TIMM_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16}
+
+
+# ------------------------------------------------------------------ saving
+def save_pretrained(model: ViTForClassification, directory: str | os.PathLike,
+                    extra_metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` to a folder: ``config.json`` and ``model.safetensors``.
+
+    config.json holds every ViTConfig field, ``"model_type": "vitcraft-vit"`` and
+    ``extra_metadata`` (e.g. class_names, mean, std; JSON values) under
+    ``"metadata"``. Weights are saved in the fused attention layout whatever the
+    backend. Both files are written atomically. Returns the folder path.
+    """
+    directory = Path(directory)
+    config = {"model_type": MODEL_TYPE, **model.config.to_dict(), METADATA_KEY: dict(extra_metadata or {})}
+    for key, value in config[METADATA_KEY].items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as err:
+            raise VitcraftError(f"extra_metadata {key!r} is not JSON-serialisable ({err})") from None
+    state = {key: tensor.cpu() for key, tensor in interop.fused_state_dict(model).items()}
+    # transformers reads only safetensors files whose metadata says format "pt"
+    save_tensors_atomic(directory / WEIGHTS_NAME, state, metadata={"format": "pt"})
+    atomic_write_json(directory / CONFIG_NAME, config)
+    return directory
+
+
+# ----------------------------------------------------------------- reading
+def _read_config(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(folder, parsed config.json), with FileNotFoundError/VitcraftError naming the path."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model folder {directory} does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"model folder {directory} has no {CONFIG_NAME}")
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise VitcraftError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return directory, config
+
+
+def _folder_kind(config: Mapping[str, Any], path: Path) -> str:
+    """'vitcraft', 'hf' or 'timm', from what config.json says."""
+    model_type = config.get("model_type")
+    if model_type == MODEL_TYPE:
+        return "vitcraft"
+    if model_type == "vit":
+        return "hf"
+    if model_type is None and "architecture" in config:
+        return "timm"
+    found = f"model_type {model_type!r}" if model_type else "neither a model_type nor a timm architecture"
+    raise VitcraftError(f"{path / CONFIG_NAME} has {found}; vitcraft reads {MODEL_TYPE!r} folders, "
+                         f"Hugging Face 'vit' folders and timm folders")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a PyTorch pickle (tensors only), with clear errors."""
+    if path.suffix == ".safetensors":
+        return load_tensors(path)[0]
+    try:
+        # weights_only: the unpickler accepts tensors and plain containers, nothing
+        # that could import or call code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        raise VitcraftError(f"{path} is not a plain PyTorch weights file (vitcraft loads tensors only and "
+                             f"never unpickles other objects): {_load_failure(err)}") from None
+    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        state = state.get("state_dict", state.get("model", state))  # a training checkpoint's weights
+    if not isinstance(state, dict):
+        raise VitcraftError(f"{path} holds a {type(state).__name__}, not a state dict")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise VitcraftError(f"{path} entry {key!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+def _load_failure(err: Exception) -> str:
+    """The informative sentence of a torch.load error (e.g. "unsupported GLOBAL posix.system"), without
+    torch's advice to retry with weights_only=False, which is what must not be done with an unknown file."""
+    lines = [line.strip() for line in str(err).splitlines()
+             if line.strip() and "weights_only" not in line and "Check the documentation" not in line]
+    return lines[0].split(". ")[0] if lines else type(err).__name__
+
+
+def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(weights path, state dict) from the first weights file the folder has."""
+    for name in WEIGHTS_NAMES:
+        if (directory / name).is_file():
+            return directory / name, _load_tensors(directory / name)
+    sharded = [name for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+               if (directory / name).is_file()]
+    if sharded:
+        raise VitcraftError(f"{directory / sharded[0]} is a sharded checkpoint, "
+                            f"which vitcraft does not read")
+    raise FileNotFoundError(f"model folder {directory} has no weights file "
+                            f"(looked for {', '.join(WEIGHTS_NAMES)})")
+
+
+def _timm_overrides(config: Mapping[str, Any], path: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """ViTConfig values a timm config.json tells us beyond the state dict (heads, activation)."""
+    model_args = config.get("model_args") or {}
+    values: dict[str, Any] = {}
+    if "act_layer" in model_args:
+        values["hidden_act"] = model_args["act_layer"]
+    # A state dict shows mean pooling only by its fc_norm weights; the config says it outright.
+    pool = model_args.get("global_pool", config.get("global_pool"))
+    if pool is not None:
+        if pool not in TIMM_POOLING:
+            raise VitcraftError(f"{path / CONFIG_NAME} has global_pool {pool!r}; vitcraft supports "
+                                 f"{', '.join(map(repr, TIMM_POOLING))}")
+        values["pooling"] = TIMM_POOLING[pool]
+    heads = model_args.get("num_heads")
+    size = re.match(r"(?:vit|deit)_([a-z]+)_patch", str(config["architecture"]))
+    if heads is None and size is not None:
+        heads = TIMM_HEADS.get(size.group(1))
+    if heads is not None:
+        values["num_attention_heads"] = heads
+    elif "num_attention_heads" not in overrides:
+        raise VitcraftError(f"{path / CONFIG_NAME} does not say how many attention heads "
+                             f"{config['architecture']!r} has; "
+                             f"pass from_pretrained(..., num_attention_heads=N)")
+    return {**values, **overrides}
+
+
+def from_pretrained(directory: str | os.PathLike, **config_overrides: Any) -> ViTForClassification:
+    """Load a model folder: vitcraft's own, a Hugging Face ViT one or a timm one.
+
+    ``config_overrides`` are ViTConfig fields applied on top of the folder's
+    (e.g. ``attention_backend="per_head"``). Returns the model in eval mode.
+    Raises FileNotFoundError for a missing folder, config or weights file, and
+    VitcraftError (a ValueError) naming the file for anything unreadable or not matching.
+    """
+    directory, config = _read_config(directory)
+    kind = _folder_kind(config, directory)
+    weights_path, state = _read_weights(directory)
+    if kind == "vitcraft":
+        values = {key: value for key, value in config.items() if key not in ("model_type", METADATA_KEY)}
+        try:
+            model_config = ViTConfig.from_dict({**values, **config_overrides})
+        except ValueError as err:
+            raise VitcraftError(f"{directory / CONFIG_NAME}: {err}") from None
+        model = ViTForClassification(model_config)
+        return interop.load_weights(model, state, source=str(weights_path)).eval()
+    if kind == "hf":
+        convert = partial(interop.from_hf, hf_config=config, **config_overrides)
+    else:
+        convert = partial(interop.from_timm, **_timm_overrides(config, directory, config_overrides))
+    try:
+        return convert(state)
+    except ValueError as err:
+        raise VitcraftError(f"cannot load {weights_path}: {err}") from None
+
+
+def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """What a folder says beyond the model: class_names, mean, std (those it has).
+
+    vitcraft folders: the ``metadata`` saved with the model. Hugging Face:
+    class names from ``id2label``, mean/std from preprocessor_config.json.
+    timm: class names, mean and std from ``pretrained_cfg``.
+    """
+    directory, config = _read_config(directory)
+    kind = _folder_kind(config, directory)
+    if kind == "vitcraft":
+        return dict(config.get(METADATA_KEY) or {})
+    metadata: dict[str, Any] = {}
+    if kind == "hf":
+        if config.get("id2label"):
+            labels = config["id2label"]
+            metadata["class_names"] = [labels[key] for key in sorted(labels, key=int)]
+        preprocessor = directory / "preprocessor_config.json"
+        source = read_json(preprocessor) if preprocessor.is_file() else {}
+        names = {"mean": "image_mean", "std": "image_std"}
+    else:
+        source = {**config, **(config.get("pretrained_cfg") or {})}
+        names = {"mean": "mean", "std": "std", "class_names": "label_names"}
+    metadata.update({ours: source[theirs] for ours, theirs in names.items() if theirs in source})
+    return metadata

@@ -1,0 +1,146 @@
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CLASSES, write_folder_dataset
+from vitcraft import data as data_module
+from vitcraft.data import epoch_indices, iterate_batches, load_splits, read_image
+from vitcraft.errors import VitcraftError
+
+
+def test_folder_dataset_loads_as_uint8_with_classes_and_labels(tiny_folder, tmp_path):
+    train, test = load_splits(str(tiny_folder), cache_dir=tmp_path)
+    assert train.images.shape == (90, 3, 8, 8) and train.images.dtype == torch.uint8
+    assert test.images.shape == (24, 3, 8, 8)
+    assert train.class_names == list(sorted(CLASSES))  # sorted folder names, as ImageFolder
+    assert torch.bincount(train.labels).tolist() == [30, 30, 30]
+    # pixels equal a direct decode of the file
+    first = sorted((tiny_folder / "train" / train.class_names[0]).iterdir())[0]
+    expected = torch.from_numpy(np.array(Image.open(first).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(train.images[0], expected)
+
+
+def test_folder_cache_is_used_and_invalidated(tmp_path):
+    root = write_folder_dataset(tmp_path / "d", per_class=(3, 2))
+    cache = tmp_path / "cache"
+    load_splits(str(root), cache_dir=cache)
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == 2
+    train, _ = load_splits(str(root), cache_dir=cache)  # from the cache
+    assert len(train) == 9
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(root / "train" / "left" / "new.png")
+    train, _ = load_splits(str(root), cache_dir=cache)
+    assert len(train) == 10 and len(sorted(cache.glob("*.safetensors"))) == 3
+
+
+def test_grayscale_folder_gives_one_channel_and_resize(tmp_path):
+    root = write_folder_dataset(tmp_path / "g", per_class=(2, 1), size=28, mode="L")
+    train, test = load_splits(str(root), cache_dir=tmp_path / "c")
+    assert train.images.shape == (6, 1, 28, 28)
+    train, _ = load_splits(str(root), image_size=32, cache_dir=tmp_path / "c")
+    assert train.images.shape == (6, 1, 32, 32)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "does not exist"),
+    ("no_splits", "must hold a train/ and a test/ (or val/) subfolder"),
+    ("no_classes", "has no class subfolders"),
+    ("no_images", "holds no image files"),
+])
+def test_bad_folders_have_clear_messages(tmp_path, layout, message):
+    root = tmp_path / "data"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "no_splits":
+        (root / "images").mkdir()
+    if layout in ("no_classes", "no_images"):
+        (root / "train").mkdir()
+        (root / "test").mkdir()
+    if layout == "no_images":
+        (root / "train" / "cat").mkdir()
+        (root / "train" / "cat" / "notes.txt").write_text("x")
+    with pytest.raises(VitcraftError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_splits(str(root), cache_dir=tmp_path / "c")
+
+
+def test_val_folder_is_accepted_as_test_split(tmp_path):
+    root = write_folder_dataset(tmp_path / "v", per_class=(2, 1))
+    (root / "test").rename(root / "val")
+    _, test = load_splits(str(root), cache_dir=tmp_path / "c")
+    assert len(test) == 3
+
+
+def test_corrupt_image_is_named(tmp_path):
+    root = write_folder_dataset(tmp_path / "c", per_class=(2, 1))
+    bad = root / "train" / "right" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    with pytest.raises(VitcraftError, match=f"cannot read image {bad}"):
+        load_splits(str(root), cache_dir=tmp_path / "cache")
+    with pytest.raises(VitcraftError, match="cannot read image"):
+        read_image(tmp_path / "nothing.png", "RGB", 8)
+
+
+def test_download_failure_says_how_to_use_a_local_copy(monkeypatch, tmp_path):
+    class Unreachable:
+        def __init__(self, **kwargs):
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data_module, "_torchvision_sets", lambda: {"cifar10": (Unreachable, "train_flag")})
+    with pytest.raises(VitcraftError) as info:
+        load_splits("cifar10", data_root=tmp_path)
+    message = str(info.value)
+    assert "could not download or read the cifar10 dataset" in message and "--data" in message
+
+
+def test_torchvision_arrays_become_nchw(monkeypatch, tmp_path):
+    seen = {}
+
+    class FakeCifar:  # the attributes torchvision's CIFAR10 has
+        classes = ["a", "b"]
+
+        def __init__(self, root, train, download):
+            seen[train] = download
+            self.data = np.zeros((5 if train else 3, 32, 32, 3), dtype=np.uint8)
+            self.data[..., 1] = 7
+            self.targets = [0, 1, 0, 1, 1][: len(self.data)]
+
+    class FakeMnist:
+        classes = [str(i) for i in range(10)]
+
+        def __init__(self, root, train, download):
+            self.data = torch.zeros((4, 28, 28), dtype=torch.uint8)
+            self.targets = torch.tensor([1, 2, 3, 4])
+
+    monkeypatch.setattr(data_module, "_torchvision_sets",
+                        lambda: {"cifar10": (FakeCifar, "train_flag"), "mnist": (FakeMnist, "train_flag")})
+    train, test = load_splits("cifar10", data_root=tmp_path)
+    assert train.images.shape == (5, 3, 32, 32) and (train.images[:, 1] == 7).all()
+    assert test.images.shape == (3, 3, 32, 32) and train.class_names == ["a", "b"]
+    assert seen == {True: True, False: True}
+    train, _ = load_splits("mnist", data_root=tmp_path)
+    assert train.images.shape == (4, 1, 28, 28) and train.labels.tolist() == [1, 2, 3, 4]
+
+
+def test_epoch_order_is_reproducible_and_sharded_like_distributed_sampler():
+    a = epoch_indices(10, seed=3, epoch=1, shuffle=True)
+    assert torch.equal(a, epoch_indices(10, seed=3, epoch=1, shuffle=True))
+    assert not torch.equal(a, epoch_indices(10, seed=3, epoch=2, shuffle=True))
+    assert sorted(a.tolist()) == list(range(10))
+    shards = [epoch_indices(10, 3, 1, True, rank=r, world_size=3) for r in range(3)]
+    assert all(len(s) == 4 for s in shards)  # padded to 12
+    assert set(torch.cat(shards).tolist()) == set(range(10))
+    # the union of each step's per-rank batches is the single-process batch
+    batch = 2
+    one = list(iterate_batches_indices(a, 2 * batch))
+    two = [list(iterate_batches_indices(epoch_indices(10, 3, 1, True, r, 2), batch)) for r in range(2)]
+    for step, joint in enumerate(one):
+        assert sorted(joint) == sorted(two[0][step] + two[1][step])
+
+
+def iterate_batches_indices(order, batch_size):
+    fake = data_module.ImageTensorDataset(torch.zeros(10, 1, 1, 1, dtype=torch.uint8), torch.arange(10), ["x"])
+    for _, labels in iterate_batches(fake, order, batch_size):
+        yield labels.tolist()

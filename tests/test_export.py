@@ -1,0 +1,42 @@
+"""ONNX and TorchScript exports give the PyTorch logits for any batch size."""
+
+import warnings
+
+import pytest
+import torch
+
+from vitcraft import ViTConfig, ViTForClassification
+from vitcraft.export import export_onnx, export_torchscript
+
+ort = pytest.importorskip("onnxruntime")
+
+BATCH_SIZES = (1, 5)  # the example input has 2 images, so both prove the batch axis is free
+
+
+def small_model(backend: str) -> ViTForClassification:
+    return ViTForClassification(ViTConfig(num_hidden_layers=2, attention_backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "per_head"])
+def test_onnx_matches_pytorch_for_any_batch(tmp_path, backend):
+    model = small_model(backend)  # left in training mode: export must not depend on the caller's mode
+    path = export_onnx(model, tmp_path / "model.onnx")
+    assert model.training
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    model.eval()
+    for batch in BATCH_SIZES:
+        x = torch.randn(batch, 3, 32, 32)
+        (logits,) = session.run(None, {"pixel_values": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(logits), model(x)[0].detach(), atol=1e-4, rtol=0)
+
+
+def test_torchscript_matches_pytorch_for_any_batch(tmp_path):
+    model = small_model("sdpa").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in recent torch
+        path = export_torchscript(model, tmp_path / "model.pt")
+        loaded = torch.jit.load(str(path))
+    for batch in BATCH_SIZES:
+        x = torch.randn(batch, 3, 32, 32)
+        torch.testing.assert_close(loaded(x), model(x)[0], atol=1e-4, rtol=0)
