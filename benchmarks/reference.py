@@ -28,7 +28,8 @@ class FormulaGELU(nn.Module):
 class TutorialFusedAttention(vit_model.FasterMultiHeadAttention):
     """FasterMultiHeadAttention computed as the tutorial does (scores / sqrt(d), explicit softmax)."""
 
-    def forward(self, x, output_attentions=False):
+    def forward(self, x, output_attentions=False, num_queries=None):
+        # the tutorial updates every token in every block, so num_queries is ignored
         batch, tokens, hidden = x.shape
         query, key, value = self.qkv_projection(x).chunk(3, dim=-1)
 
@@ -42,10 +43,18 @@ class TutorialFusedAttention(vit_model.FasterMultiHeadAttention):
         return self.output_dropout(self.output_projection(out)), None
 
 
+class TutorialViT(ViTForClassification):
+    """ViTForClassification that, like the tutorial, runs every token through the last block."""
+
+    def forward_features(self, x, output_attentions=False):
+        hidden_states, all_attentions = self.encoder(self.embedding(x), output_attentions)
+        return self.final_layernorm(self.pool(hidden_states)), all_attentions
+
+
 def tutorial_model(use_faster_attention: bool = True, **overrides) -> nn.Module:
     """The tutorial's ViTForClassfication (its config, its per-op computations)."""
     config = ViTConfig(attention_backend="fused" if use_faster_attention else "per_head", **overrides)
-    model = ViTForClassification(config)
+    model = TutorialViT(config)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, vit_model.Dropout):

@@ -31,7 +31,7 @@ def test_folder_cache_is_used_and_invalidated(tmp_path):
     assert len(files) == 2
     train, _ = load_splits(str(root), cache_dir=cache)  # from the cache
     assert len(train) == 9
-    Image.new("RGB", (8, 8), (255, 0, 0)).save(root / "train" / "left" / "new.png")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(root / "train" / "top" / "new.png")
     train, _ = load_splits(str(root), cache_dir=cache)
     assert len(train) == 10 and len(sorted(cache.glob("*.safetensors"))) == 3
 
@@ -75,7 +75,7 @@ def test_val_folder_is_accepted_as_test_split(tmp_path):
 
 def test_corrupt_image_is_named(tmp_path):
     root = write_folder_dataset(tmp_path / "c", per_class=(2, 1))
-    bad = root / "train" / "right" / "001.png"
+    bad = root / "train" / "middle" / "001.png"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated
     with pytest.raises(VitcraftError, match=f"cannot read image {bad}"):
         load_splits(str(root), cache_dir=tmp_path / "cache")

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from vitcraft import ViTConfig, ViTForClassification
-from vitcraft.interop import (fused_state_dict, from_hf, from_timm, load_weights, to_hf_config,
+from vitcraft.checkpoint import load_state_checked as load_weights
+from vitcraft.interop import (fused_state_dict, from_hf, from_timm, to_hf_config,
                               to_hf_state_dict, to_timm_kwargs, to_timm_state_dict)
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")

@@ -107,7 +107,7 @@ def test_diverging_loss_stops_with_a_clear_message(tiny_folder, tmp_path):
 
 def test_checkpoint_of_another_shape_names_the_tensor():
     small, big = create_model("seed-tiny"), create_model("seed-tiny", hidden_size=64)
-    with pytest.raises(VitcraftError, match=r"embedding.cls_token is \(1, 1, 64\) there but \(1, 1, 48\)"):
+    with pytest.raises(VitcraftError, match=r"'embedding.cls_token' of shape \(1, 1, 64\), but this model's is \(1, 1, 48\)"):
         load_state_checked(small, big.state_dict(), "other.safetensors")
 
 

@@ -32,19 +32,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """load_state_dict with one clear error naming the first missing, extra or mis-shaped tensor."""
-    own = model.state_dict()
-    for key, tensor in state.items():
-        if key in own and own[key].shape != tensor.shape:
-            raise VitcraftError(
-                f"{source} holds a model of another shape: {key} is {tuple(tensor.shape)} there but "
-                f"{tuple(own[key].shape)} in this model")
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor],
+                       source: Path | str = "the state dict") -> nn.Module:
+    """A strict load_state_dict that fails with one clear sentence naming ``source`` and the key.
+
+    Either attention layout loads (the attention modules' load hooks convert
+    fused and per-head weights). Raises VitcraftError for the first
+    mis-shaped, missing or unexpected tensor. Returns the model.
+    """
+    for key, own in model.state_dict().items():  # in the model's order: the first layer that differs
+        if key in state and tuple(own.shape) != tuple(state[key].shape):
+            raise VitcraftError(f"{source} has {key!r} of shape {tuple(state[key].shape)}, but this model's is "
+                                f"{tuple(own.shape)}; the weights are from a differently shaped model")
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0:3]
-        raise VitcraftError(f"{source} does not fit this model: {' '.join(first)}") from None
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a shape mismatch that only shows after layout conversion
+        raise VitcraftError(f"{source} does not fit this model: {str(error).splitlines()[-1].strip()}") from None
+    if result.missing_keys:
+        raise VitcraftError(f"{source} has no weight {result.missing_keys[0]!r}, which this model needs")
+    if result.unexpected_keys:
+        raise VitcraftError(f"{source} has a weight {result.unexpected_keys[0]!r} that this model does not have")
+    return model
 
 
 # ------------------------------------------------------------------ weights

@@ -27,6 +27,7 @@ import torch
 
 from vitcraft import interop
 from vitcraft.config import ViTConfig
+from vitcraft.checkpoint import load_state_checked
 from vitcraft.errors import VitcraftError
 from vitcraft.io import atomic_write_json, load_tensors, read_json, save_tensors_atomic
 from vitcraft.model import ViTForClassification
@@ -185,7 +186,7 @@ def from_pretrained(directory: str | os.PathLike, **config_overrides: Any) -> Vi
         except ValueError as err:
             raise VitcraftError(f"{directory / CONFIG_NAME}: {err}") from None
         model = ViTForClassification(model_config)
-        return interop.load_weights(model, state, source=str(weights_path)).eval()
+        return load_state_checked(model, state, str(weights_path)).eval()
     if kind == "hf":
         convert = partial(interop.from_hf, hf_config=config, **config_overrides)
     else:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from vitcraft.config import ViTConfig
+from vitcraft.checkpoint import load_state_checked
 from vitcraft.errors import VitcraftError
 from vitcraft.model import ViTForClassification
 
@@ -141,36 +142,9 @@ def fused_state_dict(model: ViTForClassification) -> dict[str, torch.Tensor]:
     return twin.state_dict()
 
 
-def load_weights(model: ViTForClassification, state_dict: StateDict, source: str = "the state dict"
-                 ) -> ViTForClassification:
-    """Load a state dict of either attention layout into ``model`` (any backend), keys and shapes checked.
-
-    The state dict may hold fused ``qkv_projection`` or per-head ``heads.i``
-    weights; the model's own load hooks convert between them. Raises one
-    VitcraftError naming ``source`` and the first missing, unexpected or
-    mis-shaped key (with both shapes), instead of torch's list of every problem.
-    Returns the model.
-    """
-    incoming = "per_head" if any(".attention.heads." in key for key in state_dict) else "fused"
-    same_layout = incoming == _layout(model.config.attention_backend)
-    expected = (model if same_layout else _twin(model, incoming)).state_dict()
-    for key, tensor in expected.items():
-        if key not in state_dict:
-            raise VitcraftError(f"{source} has no weight {key!r}, which this model needs")
-        if tuple(state_dict[key].shape) != tuple(tensor.shape):
-            raise VitcraftError(f"{source} has {key!r} of shape {tuple(state_dict[key].shape)}, "
-                                 f"but this model's is {tuple(tensor.shape)}; the weights are from a "
-                                 f"differently shaped model")
-    for key in state_dict:
-        if key not in expected:
-            raise VitcraftError(f"{source} has a weight {key!r} that this model does not have")
-    model.load_state_dict(state_dict, strict=True)
-    return model
-
-
 def _build(config: ViTConfig, state: StateDict, source: str) -> ViTForClassification:
     """A model of ``config`` with ``state`` (fused vitcraft keys) loaded, in eval mode."""
-    return load_weights(ViTForClassification(config), state, source).eval()
+    return load_state_checked(ViTForClassification(config), state, source).eval()
 
 
 # ------------------------------------------------------------- key tables

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,8 +26,8 @@ def atomic_write(path: Path | str, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)`` then rename the result over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # a unique name rather than mkstemp, whose 0600 permissions would survive the rename
+    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
     try:
         write(tmp)
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename publishes them

@@ -135,9 +135,10 @@ class AttentionHead(nn.Module):
 
     Every token emits a query, a key and a value. A token's output is the
     average of all values, weighted by softmax(query . key / sqrt(head_size)).
-    In: (B, N, hidden). Out: ((B, N, head_size) output, (B, N, N) attention
-    probabilities). The probabilities returned are those before dropout, so
-    each row sums to 1 even in training mode.
+    In: (B, N, hidden). Out: ((B, Q, head_size) output, (B, Q, N) attention
+    probabilities), Q = N, or ``num_queries`` when only the first tokens need
+    an output. The probabilities returned are those before dropout, so each
+    row sums to 1 even in training mode.
     """
 
     def __init__(self, hidden_size: int, attention_head_size: int, dropout: float, bias: bool = True):
@@ -149,11 +150,11 @@ class AttentionHead(nn.Module):
         self.value = nn.Linear(hidden_size, attention_head_size, bias=bias)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        query, key, value = self.query(x), self.key(x), self.value(x)
+    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        query, key, value = self.query(x[:, :num_queries]), self.key(x), self.value(x)
         attention_scores = query @ key.transpose(-1, -2) / math.sqrt(self.attention_head_size)
-        attention_probs = attention_scores.softmax(dim=-1)  # (B, N, N)
-        attention_output = self.dropout(attention_probs) @ value  # (B, N, head_size)
+        attention_probs = attention_scores.softmax(dim=-1)  # (B, Q, N)
+        attention_output = self.dropout(attention_probs) @ value  # (B, Q, head_size)
         return attention_output, attention_probs
 
 
@@ -162,7 +163,8 @@ class MultiHeadAttention(nn.Module):
 
     The readable version: one small module per head. It loads the same state
     dict as FasterMultiHeadAttention (the fused qkv weight is split per head).
-    In: (B, N, hidden). Out: ((B, N, hidden), (B, heads, N, N) or None).
+    In: (B, N, hidden). Out: ((B, Q, hidden), (B, heads, Q, N) or None), Q = N
+    or ``num_queries``.
     """
 
     def __init__(self, config: ViTConfig | Mapping[str, Any]):
@@ -178,9 +180,9 @@ class MultiHeadAttention(nn.Module):
         self.output_dropout = Dropout(config.hidden_dropout_prob)
         self._register_load_state_dict_pre_hook(self._split_fused_qkv)
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False):
-        head_outputs = [head(x) for head in self.heads]
-        attention_output = torch.cat([out for out, _ in head_outputs], dim=-1)  # (B, N, hidden)
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, num_queries: int | None = None):
+        head_outputs = [head(x, num_queries) for head in self.heads]
+        attention_output = torch.cat([out for out, _ in head_outputs], dim=-1)  # (B, Q, hidden)
         attention_output = self.output_dropout(self.output_projection(attention_output))
         if not output_attentions:
             return attention_output, None
@@ -205,7 +207,8 @@ class FasterMultiHeadAttention(nn.Module):
     With ``use_sdpa`` the attention itself runs in
     ``F.scaled_dot_product_attention`` (fused kernels), except when the
     attention probabilities are asked for, which only the explicit softmax has.
-    In: (B, N, hidden). Out: ((B, N, hidden), (B, heads, N, N) or None).
+    In: (B, N, hidden). Out: ((B, Q, hidden), (B, heads, Q, N) or None), Q = N
+    or ``num_queries``.
     """
 
     def __init__(self, config: ViTConfig | Mapping[str, Any], use_sdpa: bool = False):
@@ -220,11 +223,13 @@ class FasterMultiHeadAttention(nn.Module):
         self.output_dropout = Dropout(config.hidden_dropout_prob)
         self._register_load_state_dict_pre_hook(self._merge_per_head_qkv)
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, num_queries: int | None = None):
         batch_size, num_tokens, hidden_size = x.shape
         qkv = self.qkv_projection(x)  # (B, N, 3 * hidden)
         qkv = qkv.view(batch_size, num_tokens, 3, self.num_attention_heads, self.attention_head_size)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_size)
+        # (3, B, heads, N, head_size); one copy here spares the matmuls below a copy each
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+        query = query[:, :, :num_queries]  # (B, heads, Q, head_size)
         attention_probs = None
         dropout_p = self.attn_dropout.p if self.training else 0.0
         # On the CPU, SDPA with dropout falls back to an unfused path that is slower
@@ -236,8 +241,8 @@ class FasterMultiHeadAttention(nn.Module):
             scores = (query * self.attention_head_size ** -0.5) @ key.transpose(-1, -2)
             attention_probs = scores.softmax(dim=-1)  # (B, heads, N, N)
             attention_output = self.attn_dropout(attention_probs) @ value
-        # (B, heads, N, head_size) -> (B, N, hidden)
-        attention_output = attention_output.transpose(1, 2).reshape(batch_size, num_tokens, hidden_size)
+        # (B, heads, Q, head_size) -> (B, Q, hidden)
+        attention_output = attention_output.transpose(1, 2).reshape(batch_size, query.shape[2], hidden_size)
         attention_output = self.output_dropout(self.output_projection(attention_output))
         return attention_output, (attention_probs if output_attentions else None)
 
@@ -297,7 +302,11 @@ class Block(nn.Module):
     x = x + attention(layernorm_1(x)); x = x + mlp(layernorm_2(x)).
     Normalising before each sub-layer (pre-LN) keeps the residual path clean,
     which trains more stably than the original post-LN transformer.
-    In and out: (B, N, hidden); attention probs (B, heads, N, N) or None.
+    With ``num_queries`` only the first tokens are updated (all tokens still
+    serve as keys and values): the last block of a [CLS]-pooled model only
+    needs the [CLS] output, which saves most of that block's work.
+    In: (B, N, hidden). Out: (B, Q, hidden), Q = N or num_queries; attention
+    probs (B, heads, Q, N) or None.
     """
 
     def __init__(self, config: ViTConfig | Mapping[str, Any]):
@@ -308,9 +317,9 @@ class Block(nn.Module):
         self.layernorm_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False):
-        attention_output, attention_probs = self.attention(self.layernorm_1(x), output_attentions=output_attentions)
-        x = x + attention_output
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, num_queries: int | None = None):
+        attention_output, attention_probs = self.attention(self.layernorm_1(x), output_attentions, num_queries)
+        x = x[:, :num_queries] + attention_output
         x = x + self.mlp(self.layernorm_2(x))
         return x, attention_probs
 
@@ -321,8 +330,10 @@ class Encoder(nn.Module):
     With ``gradient_checkpointing`` on, each block's activations are recomputed
     in the backward pass instead of stored: less memory, about a third more
     compute.
-    In and out: (B, N, hidden); attentions: a list with one (B, heads, N, N)
-    tensor per block, or None.
+    With ``cls_only_last`` the last block updates only the [CLS] token and the
+    output is (B, 1, hidden) (see Block).
+    In: (B, N, hidden). Out: (B, N, hidden); attentions: a list with one
+    (B, heads, N, N) tensor per block, or None.
     """
 
     def __init__(self, config: ViTConfig | Mapping[str, Any]):
@@ -331,13 +342,14 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, cls_only_last: bool = False):
         all_attentions = []
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            num_queries = 1 if cls_only_last and index == len(self.blocks) - 1 else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, attention_probs = checkpoint(block, x, output_attentions, use_reentrant=False)
+                x, attention_probs = checkpoint(block, x, output_attentions, num_queries, use_reentrant=False)
             else:
-                x, attention_probs = block(x, output_attentions=output_attentions)
+                x, attention_probs = block(x, output_attentions, num_queries)
             all_attentions.append(attention_probs)
         return x, (all_attentions if output_attentions else None)
 
@@ -391,7 +403,10 @@ class ViTForClassification(nn.Module):
 
     def forward_features(self, x: torch.Tensor, output_attentions: bool = False):
         """Images -> (pooled, normalised representation (B, hidden), attentions or None)."""
-        hidden_states, all_attentions = self.encoder(self.embedding(x), output_attentions=output_attentions)
+        # [CLS] pooling reads one token of the last block; skip the other tokens' work
+        # there, unless the caller wants that block's full attention maps
+        cls_only_last = self.config.pooling == "cls" and not output_attentions
+        hidden_states, all_attentions = self.encoder(self.embedding(x), output_attentions, cls_only_last)
         return self.final_layernorm(self.pool(hidden_states)), all_attentions
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
