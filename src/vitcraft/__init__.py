@@ -1,9 +1,10 @@
 """vitcraft: a readable, fast Vision Transformer library and training tool."""
 
 from vitcraft.config import ViTConfig
+from vitcraft.hub import from_pretrained, save_pretrained
 from vitcraft.model import ViTForClassfication, ViTForClassification, count_parameters
 from vitcraft.registry import create_model, list_models
 
 __all__ = ["ViTConfig", "ViTForClassification", "ViTForClassfication", "count_parameters",
-           "create_model", "list_models"]
+           "create_model", "list_models", "from_pretrained", "save_pretrained"]
 __version__ = "0.1.0"

@@ -55,12 +55,13 @@ def random_horizontal_flip(x: torch.Tensor, p: float, generator: torch.Generator
 
 def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float],
                       ratio: tuple[float, float], generator: torch.Generator | None = None,
-                      attempts: int = 10) -> torch.Tensor:
+                      attempts: int = 10, fallback: bool = True) -> torch.Tensor:
     """Crop boxes (B, 4) as (top, left, h, w), drawn like torchvision's RandomResizedCrop.
 
     Per image: up to 10 tries of area ~ U(scale) * H * W and log aspect ratio
     ~ U(log ratio); the first box that fits wins; if none fits, the central
-    crop with the aspect ratio clamped to ``ratio``.
+    crop with the aspect ratio clamped to ``ratio``, or without ``fallback``
+    an empty box (h = w = 0), as torchvision's RandomErasing then erases nothing.
     """
     area = height * width
     target_area = area * torch.empty(batch, attempts).uniform_(*scale, generator=generator)
@@ -78,6 +79,8 @@ def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, f
         fallback_w, fallback_h = round(height * ratio[1]), height
     else:
         fallback_w, fallback_h = width, height
+    if not fallback:
+        fallback_w = fallback_h = 0
     rows = torch.arange(batch)
     chosen_w = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.tensor(float(fallback_w)))
     chosen_h = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.tensor(float(fallback_h)))

@@ -1,4 +1,4 @@
-"""The ``vitcraft`` command: train, eval, predict, viz, report, list-models.
+"""The ``vitcraft`` command: train, eval, predict, viz, report, serve, export, list-models.
 
 Each subcommand parses its flags and calls the library; a user's mistake
 ends with one ``vitcraft: error: ...`` line and exit status 2.
@@ -19,9 +19,12 @@ TRAIN_FLAGS = {
     "epochs": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,
     "schedule": str, "min_lr": float, "max_steps": int, "label_smoothing": float, "grad_clip": float,
     "seed": int, "precision": str, "device": str, "threads": int, "eval_batch_size": int,
+    "auto_augment": str, "random_erasing": float, "mixup_alpha": float, "cutmix_alpha": float, "mix_prob": float,
+    "teacher": str, "distillation": str, "distill_alpha": float, "distill_tau": float, "progressive_sizes": list,
 }
 TRAIN_KEYS = {"lr": "learning_rate", "threads": "num_threads"}
 DATA_FLAGS = {"data": str, "data_root": str, "image_size": int, "cache_dir": str}
+EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}  # --format -> default file in the run dir
 
 
 def _add_data_flags(parser: argparse.ArgumentParser, default_note: str) -> None:
@@ -56,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--grad-checkpointing", action="store_true", default=None)
     p.add_argument("--no-augment", action="store_true", help="no flip and no random crop")
+    p.add_argument("--auto-augment", choices=["randaugment", "trivialaugment"],
+                   help="a random augmentation policy per image (default: none, as the tutorial)")
+    p.add_argument("--random-erasing", type=float, metavar="P", help="erase a random box of each image with "
+                                                                     "probability P (DeiT: 0.25)")
+    p.add_argument("--mixup-alpha", type=float, metavar="ALPHA", help="MixUp with Beta(ALPHA, ALPHA) (DeiT: 0.8)")
+    p.add_argument("--cutmix-alpha", type=float, metavar="ALPHA", help="CutMix with Beta(ALPHA, ALPHA) (DeiT: 1.0)")
+    p.add_argument("--mix-prob", type=float, metavar="P", help="probability that a batch is mixed (default 1)")
+    p.add_argument("--teacher", metavar="RUN_DIR", help="distil from the model trained in RUN_DIR (DeiT; the "
+                                                        "student is best a deit-* preset)")
+    p.add_argument("--distillation", choices=["hard", "soft"], help="hard (default): the teacher's top class; "
+                                                                    "soft: its distribution")
+    p.add_argument("--distill-alpha", type=float, help="weight of the teacher's loss (default 0.5)")
+    p.add_argument("--distill-tau", type=float, help="temperature of soft distillation (default 1)")
+    p.add_argument("--progressive-sizes", type=_int_list, metavar="N,N,...",
+                   help="train at these image sizes in turn, epochs split evenly, e.g. 16,24,32")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--eval-batch-size", type=int)
@@ -63,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run in --out")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="do not log scalars to RUN_DIR/tensorboard (logged only if tensorboard is installed)")
     p.set_defaults(handler=cmd_train)
 
     p = commands.add_parser("eval", help="test loss, top-1/top-5 and per-class accuracy of a run")
@@ -94,12 +114,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output HTML (default RUN_DIR/report.html)")
     p.set_defaults(handler=cmd_report)
 
+    p = commands.add_parser("serve", help="a local web page to try the model on your own images "
+                                          "(needs pip install 'vitcraft[serve]')")
+    p.add_argument("run_dir", help="a run directory, or a model folder written by vitcraft.hub.save_pretrained")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=cmd_serve)
+
+    p = commands.add_parser("export", help="write a run's model as ONNX or TorchScript, for inference elsewhere")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=sorted(EXPORT_FILES), default="onnx")
+    p.add_argument("--out", help="output file (default RUN_DIR/model.onnx or RUN_DIR/model.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(handler=cmd_export)
+
     p = commands.add_parser("list-models", help="the model presets")
     p.set_defaults(handler=cmd_list_models)
     return parser
 
 
 # -------------------------------------------------------------------- train
+def _int_list(text: str) -> list[int]:
+    """'16,24,32' -> [16, 24, 32]; argparse reports the error with the flag's name."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, such as 16,24,32; "
+                                         f"got {text!r}") from None
+
+
 def _parse_model_args(pairs: list[str]) -> dict:
     overrides = {}
     for pair in pairs:
@@ -129,6 +173,9 @@ def run_config_from_args(args: argparse.Namespace):
         values["train"]["grad_checkpointing"] = True
     if args.no_augment:
         values["train"].update(flip_p=0.0, crop_scale=None)
+    if not values["train"].get("teacher") and {"distillation", "distill_alpha", "distill_tau"} & set(values["train"]):
+        raise VitcraftError("distillation settings (--distillation, --distill-alpha, --distill-tau) need a "
+                            "teacher: --teacher RUN_DIR")
     for flag in DATA_FLAGS:
         if getattr(args, flag) is not None:
             values["data"][flag] = getattr(args, flag)
@@ -136,24 +183,26 @@ def run_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from vitcraft.train import load_run_config, train
+    from vitcraft.train import Distributed, load_run_config, train
 
     if args.resume:
         out = Path(args.resume)
         run = load_run_config(out)
         if args.epochs is not None:  # the one thing a resumed run may change: train longer
             run.train.epochs = args.epochs
-        train(run, out, resume=True, progress=True, figures=not args.no_figures)
+        train(run, out, resume=True, progress=True, figures=not args.no_figures,
+              tensorboard=not args.no_tensorboard)
         return
     run = run_config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / f"{run.preset}-{datetime.now():%Y%m%d-%H%M%S}"
-    train(run, out, overwrite=args.overwrite, figures=not args.no_figures)
-    print(f"run saved in {out}")
+    train(run, out, overwrite=args.overwrite, figures=not args.no_figures, tensorboard=not args.no_tensorboard)
+    if Distributed.from_environment().is_main:  # under torchrun, once
+        print(f"run saved in {out}")
 
 
 # -------------------------------------------------------- eval / predict / viz
 def _run_test_set(run_dir: Path, args: argparse.Namespace, metadata: dict):
-    """The test split a run was trained on, or the one --data names, at the model's image size."""
+    """The test split a run was trained on, or the one --data names, at the model's image size or --image-size."""
     from vitcraft.data import load_splits
     from vitcraft.io import read_json
     from vitcraft.train import RUN_CONFIG_FILE
@@ -165,21 +214,33 @@ def _run_test_set(run_dir: Path, args: argparse.Namespace, metadata: dict):
     data_root = args.data_root or (saved.get("data_root") if not args.data else None)
     cache_dir = args.cache_dir or saved.get("cache_dir")
     _, test_set = load_splits(data, Path(data_root) if data_root else None,
-                              metadata["model_config"]["image_size"], Path(cache_dir) if cache_dir else None)
+                              args.image_size or metadata["model_config"]["image_size"],
+                              Path(cache_dir) if cache_dir else None)
     if test_set.num_channels != metadata["model_config"]["num_channels"]:
         raise VitcraftError(f"{data} has {test_set.num_channels}-channel images but the model takes "
                             f"{metadata['model_config']['num_channels']}")
     return test_set
 
 
-def _load(run_dir: str, device_name: str):
-    from vitcraft.augment import Normalization
-    from vitcraft.checkpoint import load_trained_model
+def _predictor(run_dir: str, device_name: str):
+    """The run directory's (or model folder's) model, ready for images."""
     from vitcraft.device import pick_device
+    from vitcraft.inference import load_predictor
 
-    device = pick_device(device_name)
-    model, metadata = load_trained_model(run_dir, device)
-    return model, metadata, Normalization(tuple(metadata["mean"]), tuple(metadata["std"])), device
+    return load_predictor(run_dir, pick_device(device_name))
+
+
+def _load(run_dir: str, device_name: str):
+    predictor = _predictor(run_dir, device_name)
+    return predictor.model, predictor.metadata, predictor.normalization, predictor.device
+
+
+def _allow_image_size(model, image_size: int | None, metadata: dict) -> None:
+    """Let the model run at --image-size (a ViT resamples its position embeddings), if one is given."""
+    from vitcraft.resize import allow_image_sizes
+
+    if image_size and image_size != metadata["model_config"]["image_size"]:
+        allow_image_sizes(model, [image_size], metadata.get("preset", "seed-tiny"))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -187,6 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from vitcraft.train import evaluate
 
     model, metadata, normalization, device = _load(args.run_dir, args.device)
+    _allow_image_size(model, args.image_size, metadata)
     test_set = _run_test_set(Path(args.run_dir), args, metadata)
     names = metadata["class_names"]
     if len(test_set.class_names) != len(names):
@@ -202,49 +264,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"  {name:<20} {100 * acc:6.2f}%")
 
 
-def _read_images(paths: list[str], metadata: dict):
-    """uint8 (B, C, H, W) of image files, resized to the model's input size."""
-    import torch
-
-    from vitcraft.data import read_image
-
-    config = metadata["model_config"]
-    mode = "L" if config["num_channels"] == 1 else "RGB"
-    arrays = [torch.from_numpy(read_image(path, mode, config["image_size"])).permute(2, 0, 1) for path in paths]
-    return torch.stack(arrays)
-
-
 def cmd_predict(args: argparse.Namespace) -> None:
-    import torch
+    from vitcraft.inference import read_images
 
-    model, metadata, normalization, device = _load(args.run_dir, args.device)
-    names = metadata["class_names"]
-    images = _read_images(args.images, metadata)
-    with torch.inference_mode():
-        probabilities = model(normalization(images.to(device)))[0].float().softmax(-1).cpu()
-    k = max(1, min(args.top_k, len(names)))
-    for path, probs in zip(args.images, probabilities):
-        values, indices = probs.topk(k)
+    predictor = _predictor(args.run_dir, args.device)
+    images = read_images(args.images, predictor.metadata["model_config"])
+    for path, top in zip(args.images, predictor.top_k(images, args.top_k)):
         print(path)
-        for value, index in zip(values.tolist(), indices.tolist()):
-            print(f"  {names[index]:<20} {100 * value:6.2f}%")
+        for name, probability in top:
+            print(f"  {name:<20} {100 * probability:6.2f}%")
 
 
 def cmd_viz(args: argparse.Namespace) -> None:
-    from vitcraft.figures import draw_overlays, overlay_examples
+    from vitcraft.figures import (POOLING_TITLE, attention_map_kind, draw_overlays, overlay_examples,
+                                  unavailable_map_reason)
+    from vitcraft.inference import read_images
 
     model, metadata, normalization, _ = _load(args.run_dir, "cpu")
+    if unavailable_map_reason(model, args.method):  # e.g. Swin: no [CLS] token; say so before loading data
+        raise VitcraftError(unavailable_map_reason(model, args.method))
+    _allow_image_size(model, args.image_size, metadata)  # for the test images; image files get the model's size
     head = args.head if args.head == "mean" else _int_flag("--head", args.head)
     if args.images:
-        images, labels = _read_images(args.images, metadata), [None] * len(args.images)
+        images, labels = read_images(args.images, metadata["model_config"]), [None] * len(args.images)
     else:
         test_set = _run_test_set(Path(args.run_dir), args, metadata)
         images, labels = overlay_examples(test_set)
     out = Path(args.out) if args.out else Path(args.run_dir) / f"viz-{args.method}.png"
     what = "attention rollout" if args.method == "rollout" else f"[CLS] attention, block {args.layer}"
+    # a pooling model (CCT) has one map per image: --layer and --head do not apply
+    title = POOLING_TITLE if attention_map_kind(model) == "pooling" else f"{what}, head {head}"
     try:
         draw_overlays(out, model, images, normalization, metadata["class_names"], labels, args.method,
-                      args.layer, head, title=f"{what}, head {head}")
+                      args.layer, head, title=title)
     except ValueError as error:  # layer/head out of range
         raise VitcraftError(str(error)) from None
     print(f"wrote {out}")
@@ -261,6 +313,26 @@ def cmd_report(args: argparse.Namespace) -> None:
     from vitcraft.report import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out)}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from vitcraft.serve import serve
+    except ImportError as error:  # the web packages are an optional extra
+        raise VitcraftError(f"vitcraft serve needs {error.name}: pip install 'vitcraft[serve]'") from None
+    serve(_predictor(args.run_dir, args.device), Path(args.run_dir).resolve().name, args.host, args.port)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from vitcraft import export
+    from vitcraft.checkpoint import load_trained_model
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / EXPORT_FILES[args.format]
+    if out.exists() and not args.overwrite:
+        raise VitcraftError(f"{out} already exists; pass --overwrite to replace it, or another --out")
+    model, _ = load_trained_model(args.run_dir)
+    write = export.export_onnx if args.format == "onnx" else export.export_torchscript
+    print(f"wrote {write(model, out)}")
 
 
 def cmd_list_models(args: argparse.Namespace) -> None:

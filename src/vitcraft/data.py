@@ -12,6 +12,7 @@ and ``test/`` (or ``val/``) subfolders of one folder per class.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vitcraft.errors import VitcraftError
 from vitcraft.io import atomic_write_json, save_tensors_atomic, load_tensors
@@ -132,21 +133,43 @@ def _list_images(split_dir: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return files, class_names
 
 
-def read_image(path: Path | str, mode: str, image_size: int | None) -> np.ndarray:
+def read_image(path: Path | str, mode: str, image_size: int | None, max_pixels: int | None = None) -> np.ndarray:
     """Decode one image file to a (H, W, C) uint8 array in ``mode`` ("RGB" or "L").
 
     With ``image_size``, it is resized to image_size x image_size (as the
-    tutorial's ``Resize((size, size))``). Unreadable files raise VitcraftError naming the file.
+    tutorial's ``Resize((size, size))``). ``path`` may also be a binary file
+    object. Any mode converts: palette, CMYK, grayscale, 1-bit; alpha is
+    dropped (not composited); 16-bit grayscale keeps its high byte (Pillow
+    alone would clip it to white). Unreadable files, and images of more than
+    ``max_pixels`` pixels (default: Pillow's decompression-bomb threshold, about
+    89 million; checked from the header, before decoding), raise VitcraftError
+    naming the file.
+    """
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    with _decoding(path), Image.open(path) as image:
+        if limit is not None and image.width * image.height > limit:
+            raise ValueError(f"{image.width} x {image.height} pixels is more than the limit of {limit:,}")
+        if image.mode.startswith("I;16"):
+            image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
+        image = image.convert(mode)
+        if image_size is not None and image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.BILINEAR)
+        array = np.array(image, dtype=np.uint8)  # a writable copy
+    return array.reshape(array.shape[0], array.shape[1], -1)
+
+
+@contextlib.contextmanager
+def _decoding(path: Path | str) -> Iterator[None]:
+    """Turn any failure to parse or decode the image ``path`` into a VitcraftError naming it.
+
+    Broad on purpose: besides OSError, Pillow's format plugins raise SyntaxError,
+    EOFError, struct.error and others on malformed files, and none of them is a
+    bug of the caller's.
     """
     try:
-        with Image.open(path) as image:
-            image = image.convert(mode)
-            if image_size is not None and image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BILINEAR)
-            array = np.array(image, dtype=np.uint8)  # a writable copy
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        yield
+    except Exception as error:
         raise VitcraftError(f"cannot read image {path}: {error}") from None
-    return array.reshape(array.shape[0], array.shape[1], -1)
 
 
 def probe_folder(root: Path) -> tuple[str, int]:
@@ -154,12 +177,9 @@ def probe_folder(root: Path) -> tuple[str, int]:
     train, _ = find_split_dirs(root)
     files, _ = _list_images(train)
     path = files[0][0]
-    try:
-        with Image.open(path) as image:
-            mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
-            return mode, max(image.size)
-    except (UnidentifiedImageError, OSError) as error:
-        raise VitcraftError(f"cannot read image {path}: {error}") from None
+    with _decoding(path), Image.open(path) as image:
+        mode = "L" if image.mode in ("L", "1", "I") or image.mode.startswith("I;16") else "RGB"
+        return mode, max(image.size)
 
 
 def _decode_folder(split_dir: Path, mode: str, image_size: int) -> ImageTensorDataset:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from vitcraft.errors import VitcraftError
 from vitcraft.io import atomic_write
 from vitcraft.model import ViTForClassification
 
@@ -64,7 +66,10 @@ def export_onnx(model: ViTForClassification, path: str | os.PathLike, opset: int
     """Write the model as an ONNX graph with a dynamic batch axis; returns the path.
 
     Input ``pixel_values`` (batch, C, H, W), output ``logits`` (batch, num_classes).
+    Needs the ``onnx`` package (``pip install 'vitcraft[onnx]'``).
     """
+    if importlib.util.find_spec("onnx") is None:  # torch's exporter builds the graph with it
+        raise VitcraftError("exporting to ONNX needs the onnx package: pip install onnx")
     with _export_copy(model) as (wrapper, example), warnings.catch_warnings():
         # torch announces that this exporter is the legacy one; see the module docstring for why
         warnings.simplefilter("ignore", DeprecationWarning)

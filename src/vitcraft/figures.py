@@ -30,21 +30,59 @@ def draw_samples(path: Path, dataset: ImageTensorDataset, augment: BatchAugment,
                             class_names, path)
 
 
+POOLING_TITLE = "Sequence-pooling weights over the tokens (what the classifier reads)"
+
+
+def attention_map_kind(model: nn.Module) -> str:
+    """Which attention figures apply to ``model``.
+
+    "cls": a ViT's [CLS] attention and rollout. "pooling": no [CLS] token, but
+    the classifier reads a weighted mean of the tokens whose weights
+    ``model.pooling_map(images)`` returns (CCT); one map per image, no rollout.
+    "none": no [CLS] token and no pooling map (Swin, whose attention stays
+    inside local windows). A model says it has no [CLS] token with a class
+    attribute ``has_cls_token = False``; without one, [CLS] is assumed.
+    """
+    if hasattr(model, "pooling_map"):
+        return "pooling"
+    return "cls" if getattr(model, "has_cls_token", True) else "none"
+
+
+def unavailable_map_reason(model: nn.Module, method: str) -> str | None:
+    """Why ``method``'s maps cannot be drawn for ``model`` (one sentence), or None if they can."""
+    kind, name = attention_map_kind(model), type(model).__name__
+    if kind == "none":
+        return f"attention maps are not available for {name}: it has no [CLS] token whose attention could be drawn"
+    if kind == "pooling" and method == "rollout":
+        return (f"attention rollout is not available for {name}: it has no [CLS] token "
+                f"(--method cls draws its sequence-pooling weights)")
+    return None
+
+
 @torch.no_grad()
 def attention_maps(model: nn.Module, images: torch.Tensor, method: str = "cls", layer: int = -1,
                    head: int | str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (B, K), maps (B, g, g)) for normalised images (B, C, H, W).
 
-    ``method`` "cls": [CLS]-to-patch attention of one layer; "rollout": attention
-    rollout through all layers.
+    ``method`` "cls": [CLS]-to-patch attention of one layer (for a "pooling"
+    model, see attention_map_kind: its pooling weights; ``layer`` and ``head``
+    do not apply); "rollout": attention rollout through all layers.
     """
     model.eval()
+    reason = unavailable_map_reason(model, method)
+    if reason:
+        raise ValueError(reason)
+    if attention_map_kind(model) == "pooling":
+        return model.pooling_map(images)
     logits, attentions = model(images, output_attentions=True)
+    if attentions is None:
+        raise ValueError(f"{type(model).__name__} has no attention maps to draw")
+    prefix = getattr(model, "num_prefix_tokens", 1)  # [CLS], and DeiT's distillation token
     if method == "rollout":
-        return logits, viz.attention_rollout(attentions, head=head)
+        return logits, viz.attention_rollout(attentions, head=head, num_prefix_tokens=prefix)
     if method != "cls":
         raise ValueError(f"method must be cls or rollout, got {method!r}")
-    return logits, viz.cls_attention_map(attentions, layer=layer, head=head)
+    return logits, viz.cls_attention_map(attentions, layer=layer, head=head, num_prefix_tokens=prefix)
 
 
 def draw_overlays(path: Path, model: nn.Module, images: torch.Tensor, normalization: Normalization,
@@ -81,15 +119,28 @@ def predict_all(model: nn.Module, dataset: ImageTensorDataset, normalization: No
 def draw_run_figures(run_dir: Path, model: nn.Module, test_set: ImageTensorDataset,
                      normalization: Normalization, history: list[dict[str, Any]], lrs: list[float],
                      device: torch.device | None = None) -> list[Path]:
-    """curves.png, attention.png, rollout.png and confusion.png of a trained run."""
+    """curves.png, attention.png, rollout.png and confusion.png of a trained run.
+
+    The attention figures follow ``attention_map_kind``: a model without [CLS]
+    gets its pooling weights as attention.png (CCT) or neither figure (Swin, a
+    CNN), with a printed note saying which was skipped and why.
+    """
     run_dir = Path(run_dir)
     names = test_set.class_names
     paths = [viz.plot_curves(history, lrs, run_dir / "curves.png")]
     images, labels = overlay_examples(test_set)
-    paths.append(draw_overlays(run_dir / "attention.png", model, images, normalization, names, labels, "cls",
-                               title="[CLS] attention to the patches, last block, mean over heads"))
-    paths.append(draw_overlays(run_dir / "rollout.png", model, images, normalization, names, labels, "rollout",
-                               title="Attention rollout through all blocks"))
+    kind = attention_map_kind(model)
+    if kind == "cls":
+        paths.append(draw_overlays(run_dir / "attention.png", model, images, normalization, names, labels, "cls",
+                                   title="[CLS] attention to the patches, last block, mean over heads"))
+        paths.append(draw_overlays(run_dir / "rollout.png", model, images, normalization, names, labels,
+                                   "rollout", title="Attention rollout through all blocks"))
+    elif kind == "pooling":
+        paths.append(draw_overlays(run_dir / "attention.png", model, images, normalization, names, labels, "cls",
+                                   title=POOLING_TITLE))
+        print(f"rollout.png skipped: {unavailable_map_reason(model, 'rollout')}")
+    elif kind == "none":
+        print(f"attention.png and rollout.png skipped: {unavailable_map_reason(model, 'cls')}")
     predictions = predict_all(model, test_set, normalization)
     matrix = viz.confusion_matrix(predictions, test_set.labels.cpu(), len(names))
     paths.append(viz.plot_confusion(matrix, names, run_dir / "confusion.png"))

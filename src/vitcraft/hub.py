@@ -56,6 +56,8 @@ def save_pretrained(model: ViTForClassification, directory: str | os.PathLike,
     ``"metadata"``. Weights are saved in the fused attention layout whatever the
     backend. Both files are written atomically. Returns the folder path.
     """
+    if type(model) is not ViTForClassification:  # a subclass (DeiT) has weights this layout cannot name
+        raise VitcraftError(f"save_pretrained writes ViTForClassification models, not a {type(model).__name__}")
     directory = Path(directory)
     config = {"model_type": MODEL_TYPE, **model.config.to_dict(), METADATA_KEY: dict(extra_metadata or {})}
     for key, value in config[METADATA_KEY].items():

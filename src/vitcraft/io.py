@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -21,13 +22,15 @@ from safetensors.torch import load_file, save_file, safe_open
 
 from vitcraft.errors import VitcraftError
 
+TEMPORARY_NAME = re.compile(r"\.(.+)\.[0-9a-f]{32}\.tmp")  # atomic_write's temporary file for the name in group 1
+
 
 def atomic_write(path: Path | str, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)`` then rename the result over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # a unique name rather than mkstemp, whose 0600 permissions would survive the rename
-    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
+    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))  # see TEMPORARY_NAME
     try:
         write(tmp)
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename publishes them
@@ -38,6 +41,23 @@ def atomic_write(path: Path | str, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_stale_temporaries(folder: Path | str, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files that atomic writes of ``names`` in ``folder`` left behind.
+
+    A process killed inside :func:`atomic_write` (SIGKILL runs no cleanup) leaves
+    its ``.NAME.<hex>.tmp`` file; the target itself is intact. Call this only when
+    no other process is writing those files. Returns the paths removed.
+    """
+    folder, names = Path(folder), set(names)
+    if not folder.is_dir():
+        return []
+    stale = [path for path in folder.iterdir()
+             if (match := TEMPORARY_NAME.fullmatch(path.name)) and match.group(1) in names and path.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:
@@ -70,7 +90,25 @@ def load_tensors(path: Path | str, device: str = "cpu") -> tuple[dict[str, torch
             metadata = f.metadata() or {}
         return load_file(str(path), device=device), metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        if _looks_pickled(path):
+            raise VitcraftError(f"{path} is a Python pickle (a torch.save file), not safetensors; vitcraft "
+                                f"never unpickles files, because unpickling can run any code the file "
+                                f"carries") from None
         raise VitcraftError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+
+
+def _looks_pickled(path: Path) -> bool:
+    """Whether a file is shaped as a pickle (protocol 2+: PROTO opcode first, STOP last) or a
+    torch.save zip archive. Only the first and last bytes are read, nothing is unpickled."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4:
+            return False
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    if head == b"PK\x03\x04":
+        return True
+    return head[0] == 0x80 and 2 <= head[1] <= 5 and last == b"."
 
 
 def read_json(path: Path | str) -> Any:

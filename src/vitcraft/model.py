@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitcraft.config import ViTConfig
+from vitcraft.resize import resample_position_embeddings
 
 
 _RANDOM_WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vitcraft-dropout")
@@ -95,12 +96,24 @@ class PatchEmbeddings(nn.Module):
         self.num_patches = config.num_patches
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size,
                                     kernel_size=config.patch_size, stride=config.patch_size)
+        # off: only image_size is accepted (a clear error otherwise); on: any size that is
+        # a multiple of patch_size (see ViTForClassification.set_dynamic_image_size)
+        self.dynamic_img_size = False
+
+    def grid_size(self, x: torch.Tensor) -> tuple[int, int]:
+        """The (rows, columns) patch grid of images ``x`` (B, C, H, W), after checking their shape."""
+        if self.dynamic_img_size:
+            expected = f"(batch, {self.num_channels}, H, W) with H and W multiples of {self.patch_size}"
+            fits = x.ndim == 4 and x.shape[-2] % self.patch_size == 0 and x.shape[-1] % self.patch_size == 0
+        else:
+            expected = f"(batch, {self.num_channels}, {self.image_size}, {self.image_size})"
+            fits = x.ndim == 4 and x.shape[-2:] == (self.image_size,) * 2
+        if not fits or x.shape[1] != self.num_channels:
+            raise ValueError(f"expected images of shape {expected}, got {tuple(x.shape)}")
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.num_channels or x.shape[-2:] != (self.image_size,) * 2:
-            raise ValueError(
-                f"expected images of shape (batch, {self.num_channels}, {self.image_size}, "
-                f"{self.image_size}), got {tuple(x.shape)}")
+        self.grid_size(x)  # raises on a wrong shape
         x = self.projection(x)  # (B, hidden, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, num_patches, hidden)
 
@@ -111,8 +124,13 @@ class Embeddings(nn.Module):
     Attention ignores order, so each position (the [CLS] slot and every patch
     slot) gets its own learnable vector added. The [CLS] output later stands
     for the whole image.
+    Images of another size than the configured one (only accepted with
+    ``patch_embeddings.dynamic_img_size``) get the position table resampled
+    to their patch grid on the fly (see resize.py); the parameter keeps its size.
     In: (B, C, H, W). Out: (B, 1 + num_patches, hidden_size).
     """
+
+    num_prefix_tokens = 1  # tokens in front of the patches: [CLS]
 
     def __init__(self, config: ViTConfig | Mapping[str, Any]):
         super().__init__()
@@ -120,14 +138,21 @@ class Embeddings(nn.Module):
         self.patch_embeddings = PatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.position_embeddings = nn.Parameter(
-            torch.zeros(1, self.patch_embeddings.num_patches + 1, config.hidden_size))
+            torch.zeros(1, self.num_prefix_tokens + self.patch_embeddings.num_patches, config.hidden_size))
         self.dropout = Dropout(config.hidden_dropout_prob)
 
+    def prefix_tokens(self, batch_size: int) -> torch.Tensor:
+        """The learned tokens put in front of the patches: (B, num_prefix_tokens, hidden)."""
+        return self.cls_token.expand(batch_size, -1, -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.patch_embeddings.grid_size(x)
+        trained_grid = (self.patch_embeddings.image_size // self.patch_embeddings.patch_size,) * 2
+        position_embeddings = resample_position_embeddings(self.position_embeddings, self.num_prefix_tokens,
+                                                           trained_grid, grid)  # itself at the trained size
         x = self.patch_embeddings(x)  # (B, num_patches, hidden)
-        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, hidden)
-        x = torch.cat((cls_tokens, x), dim=1)  # (B, 1 + num_patches, hidden)
-        return self.dropout(x + self.position_embeddings)
+        x = torch.cat((self.prefix_tokens(x.shape[0]), x), dim=1)  # (B, prefix + num_patches, hidden)
+        return self.dropout(x + position_embeddings)
 
 
 class AttentionHead(nn.Module):
@@ -207,6 +232,9 @@ class FasterMultiHeadAttention(nn.Module):
     With ``use_sdpa`` the attention itself runs in
     ``F.scaled_dot_product_attention`` (fused kernels), except when the
     attention probabilities are asked for, which only the explicit softmax has.
+    ``attention_bias``, if given, is added to the scaled scores before the
+    softmax (any shape broadcasting to (B, heads, Q, N)): Swin's relative
+    position bias and shifted-window mask use it.
     In: (B, N, hidden). Out: ((B, Q, hidden), (B, heads, Q, N) or None), Q = N
     or ``num_queries``.
     """
@@ -223,7 +251,8 @@ class FasterMultiHeadAttention(nn.Module):
         self.output_dropout = Dropout(config.hidden_dropout_prob)
         self._register_load_state_dict_pre_hook(self._merge_per_head_qkv)
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False, num_queries: int | None = None):
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, num_queries: int | None = None,
+                attention_bias: torch.Tensor | None = None):
         batch_size, num_tokens, hidden_size = x.shape
         qkv = self.qkv_projection(x)  # (B, N, 3 * hidden)
         qkv = qkv.view(batch_size, num_tokens, 3, self.num_attention_heads, self.attention_head_size)
@@ -235,10 +264,15 @@ class FasterMultiHeadAttention(nn.Module):
         # On the CPU, SDPA with dropout falls back to an unfused path that is slower
         # than the explicit one below with our cheaper Dropout.
         if self.use_sdpa and not output_attentions and (dropout_p == 0 or x.device.type != "cpu"):
-            attention_output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
+            if attention_bias is not None:  # SDPA wants the mask in q's dtype (bf16 under autocast)
+                attention_bias = attention_bias.to(query.dtype)
+            attention_output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
+                                                              dropout_p=dropout_p)
         else:
             # scaling q (N x head_size) is cheaper than scaling the scores (N x N)
             scores = (query * self.attention_head_size ** -0.5) @ key.transpose(-1, -2)
+            if attention_bias is not None:
+                scores = scores + attention_bias
             attention_probs = scores.softmax(dim=-1)  # (B, heads, N, N)
             attention_output = self.attn_dropout(attention_probs) @ value
         # (B, heads, Q, head_size) -> (B, Q, hidden)
@@ -331,7 +365,8 @@ class Encoder(nn.Module):
     in the backward pass instead of stored: less memory, about a third more
     compute.
     With ``cls_only_last`` the last block updates only the [CLS] token and the
-    output is (B, 1, hidden) (see Block).
+    output is (B, 1, hidden) (see Block); an integer k instead of True keeps
+    the first k tokens (DeiT: [CLS] and the distillation token), (B, k, hidden).
     In: (B, N, hidden). Out: (B, N, hidden); attentions: a list with one
     (B, heads, N, N) tensor per block, or None.
     """
@@ -342,10 +377,10 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False, cls_only_last: bool = False):
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, cls_only_last: bool | int = False):
         all_attentions = []
         for index, block in enumerate(self.blocks):
-            num_queries = 1 if cls_only_last and index == len(self.blocks) - 1 else None
+            num_queries = int(cls_only_last) if cls_only_last and index == len(self.blocks) - 1 else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, attention_probs = checkpoint(block, x, output_attentions, num_queries, use_reentrant=False)
             else:
@@ -394,6 +429,39 @@ class ViTForClassification(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass to save activation memory."""
         self.encoder.gradient_checkpointing = enable
+
+    def set_dynamic_image_size(self, enable: bool = True) -> None:
+        """Accept images of any size that is a multiple of patch_size (off: only config.image_size).
+
+        The position embeddings are resampled to each input's patch grid in
+        the forward pass (bicubic, [CLS] kept; see resize.py); the parameters
+        and config stay at the trained size, so saving and the optimizer are
+        unaffected. The seed model trained at 32 then runs at 48, say.
+        """
+        self.embedding.patch_embeddings.dynamic_img_size = enable
+
+    # The hub layout lives in hub.py, which imports this module: import it when called.
+    def save_pretrained(self, directory, extra_metadata: Mapping[str, Any] | None = None):
+        """Write ``config.json`` + ``model.safetensors`` to ``directory`` (the Hugging Face hub
+        layout), with ``extra_metadata`` such as class_names, mean, std. Returns the folder path."""
+        from vitcraft import hub
+
+        return hub.save_pretrained(self, directory, extra_metadata)
+
+    @classmethod
+    def from_pretrained(cls, directory, **config_overrides: Any) -> "ViTForClassification":
+        """Load a hub-layout folder: vitcraft's own, or a timm or Hugging Face ViT one (converted).
+
+        ``config_overrides`` are ViTConfig fields, e.g. ``attention_backend="per_head"``.
+        Returns the model in eval mode; see :func:`vitcraft.hub.from_pretrained` for the errors.
+        """
+        from vitcraft import hub
+        from vitcraft.errors import VitcraftError
+
+        model = hub.from_pretrained(directory, **config_overrides)
+        if not isinstance(model, cls):
+            raise VitcraftError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
 
     def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, N, hidden) -> (B, hidden): the [CLS] output, or the mean of the patch outputs."""

@@ -14,6 +14,10 @@ from torch import nn
 
 from vitcraft.config import ViTConfig
 from vitcraft.model import ViTForClassification
+from vitcraft.variants.cnn import CNNConfig, ConvNetForClassification
+from vitcraft.variants.cct import CCTConfig, CCTForClassification
+from vitcraft.variants.deit import DeiTForClassification
+from vitcraft.variants.swin import SwinConfig, SwinForClassification
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,51 @@ for _size, (_width, _heads) in {"tiny": (192, 3), "small": (384, 6), "base": (76
         f"ViT-{_size[0].upper()}/16 (width {_width}, 12 blocks, {_heads} heads) for 224x224 images, "
         f"the shape of timm's vit_{_size}_patch16_224.",
         _vit(_width, 12, _heads, image_size=224, patch_size=16, num_classes=1000)))
+
+# DeiT (distillation token) and the CNN teachers it distils from; see variants/deit.py, variants/cnn.py
+register_preset(Preset(
+    "deit-seed-tiny",
+    "seed-tiny plus DeiT's distillation token and head (119,684 parameters); train with --teacher RUN_DIR.",
+    ViTConfig().to_dict(), builder=DeiTForClassification))
+register_preset(Preset(
+    "deit-tiny-p4-32",
+    "DeiT-Ti shape (width 192, 12 blocks, 3 heads, distillation token) for 32x32 images, 4x4 patches.",
+    _vit(192, 12, 3, image_size=32, patch_size=4, num_classes=10), builder=DeiTForClassification))
+register_preset(Preset(
+    "cnn-small",
+    "A fast CNN teacher: 3x3 conv-BN-ReLU stem of width 16, three conv-pool stages to 128 channels "
+    "(99k parameters; about seed-tiny's training cost; --model-arg width=32 for a stronger one).",
+    CNNConfig(arch="small", width=16).to_dict(), builder=ConvNetForClassification, config_class=CNNConfig))
+register_preset(Preset(
+    "resnet18-cifar",
+    "torchvision's ResNet-18 with a 3x3 stride-1 stem and no max pooling, for 32x32 images "
+    "(11.2M parameters; about 20x seed-tiny's training cost on a CPU).",
+    CNNConfig(arch="resnet18", width=64).to_dict(), builder=ConvNetForClassification, config_class=CNNConfig))
+
+# Swin (shifted windows, a pyramid) and CCT (conv tokenizer, sequence pooling); see variants/swin.py, variants/cct.py
+register_preset(Preset(
+    "swin-tiny-32",
+    "A small Swin for 32x32 images: 2x2 patches (16x16 grid), 4x4 windows, 3 stages of 2 blocks, "
+    "widths 48/96/192, heads 3/6/12, mean-pooled (1,268,356 parameters).",
+    SwinConfig().to_dict(), builder=SwinForClassification, config_class=SwinConfig))
+register_preset(Preset(
+    "swin-t-224",
+    "Swin-T for 224x224 images: 4x4 patches, 7x7 windows, depths 2/2/6/2, widths 96 to 768, heads "
+    "3/6/12/24, stochastic depth 0.2; timm's swin_tiny_patch4_window7_224 shape (28,288,354 parameters).",
+    SwinConfig(image_size=224, patch_size=4, num_classes=1000, embed_dim=96, depths=(2, 2, 6, 2),
+               num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.2).to_dict(),
+    builder=SwinForClassification, config_class=SwinConfig))
+register_preset(Preset(
+    "cct-7-3x1-32",
+    "CCT-7/3x1 for 32x32 images: one 3x3 conv + max-pool tokenizer layer (256 tokens), 7 blocks of "
+    "width 256, 4 heads, MLP ratio 2, sequence pooling (3,760,139 parameters).",
+    CCTConfig().to_dict(), builder=CCTForClassification, config_class=CCTConfig))
+register_preset(Preset(
+    "cct-2-3x2-32",
+    "CCT-2/3x2, fast on a CPU: two 3x3 conv + max-pool tokenizer layers (64 tokens), 2 blocks of "
+    "width 128, 2 heads, MLP ratio 1, sequence pooling (283,723 parameters).",
+    CCTConfig(num_conv_layers=2, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+              intermediate_size=128).to_dict(), builder=CCTForClassification, config_class=CCTConfig))
 
 
 def get_preset(name: str) -> Preset:

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -28,20 +28,25 @@ from tqdm import tqdm
 
 from vitcraft import checkpoint as ckpt
 from vitcraft.augment import BatchAugment, Normalization
-from vitcraft.config import check_keys
+from vitcraft.augment_extra import ExtraAugment
+from vitcraft.config import check_keys, check_types, short_repr
 from vitcraft.data import ImageTensorDataset, epoch_indices, iterate_batches, load_splits
 from vitcraft.device import autocast, autocast_dtype, available_cpus, distributed_backend, grad_scaler, pick_device
+from vitcraft.distill import DISTILLATIONS, Distiller, load_teacher
 from vitcraft.errors import VitcraftError
-from vitcraft.io import atomic_write_json, atomic_write_text, read_json
+from vitcraft.io import atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries
 from vitcraft.model import count_parameters
 from vitcraft.registry import get_preset, preset_config
+from vitcraft.resize import allow_image_sizes, progressive_size, resize_batch
+from vitcraft.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, remove_event_files
 
 SCHEDULES = ("constant", "cosine")
 RUN_CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 # files a run writes; --overwrite removes exactly these, nothing else in the folder
 RUN_FILES = (RUN_CONFIG_FILE, METRICS_FILE, ckpt.MODEL_FILE, ckpt.MODEL_META_FILE, ckpt.CHECKPOINT_FILE,
-             "samples.png", "curves.png", "attention.png", "rollout.png", "confusion.png", "report.html")
+             "samples.png", "curves.png", "attention.png", "rollout.png", "confusion.png", "report.html",
+             TENSORBOARD_DIR)
 
 
 @dataclass
@@ -66,8 +71,24 @@ class TrainConfig:
     flip_p: float = 0.5  # random horizontal flip probability; 0: off
     crop_scale: list[float] | None = field(default_factory=lambda: [0.8, 1.0])  # RandomResizedCrop area; None: off
     num_threads: int | None = None  # CPU threads; None: all available cores (split across local ranks)
+    # stronger augmentation (augment_extra.py), all off in the seed's recipe; DeiT's: randaugment,
+    # random_erasing 0.25, mixup_alpha 0.8, cutmix_alpha 1.0, label_smoothing 0.1
+    auto_augment: str | None = None  # "randaugment" or "trivialaugment", one draw per image; None: off
+    random_erasing: float = 0.0  # probability of replacing a random box of each image by noise
+    mixup_alpha: float = 0.0  # MixUp of image pairs with lam ~ Beta(alpha, alpha); 0: off
+    cutmix_alpha: float = 0.0  # CutMix (a pasted box) with lam ~ Beta(alpha, alpha); 0: off
+    mix_prob: float = 1.0  # probability that a batch is mixed when MixUp or CutMix is on
+    # distillation (distill.py): a trained run directory whose model teaches this one
+    teacher: str | None = None
+    distillation: str = "hard"  # "hard": the teacher's top class; "soft": its distribution at distill_tau
+    distill_alpha: float = 0.5  # weight of the teacher's loss; the labels' loss gets 1 - alpha
+    distill_tau: float = 1.0  # temperature of soft distillation
+    # progressive resizing (resize.py): train at these image sizes in turn, the epochs split evenly
+    # (e.g. [16, 24, 32]); evaluation and the saved model stay at the data's size. None: off
+    progressive_sizes: list[int] | None = None
 
     def __post_init__(self) -> None:
+        check_types(TrainConfig, vars(self), what="train setting")  # first: the checks below compare values
         positive = ("epochs", "batch_size", "eval_batch_size")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -83,11 +104,32 @@ class TrainConfig:
         if not 0 <= self.flip_p <= 1:
             raise VitcraftError(f"flip_p must be in [0, 1], got {self.flip_p!r}")
         if self.crop_scale is not None:
-            low, high = self.crop_scale
-            if not 0 < low <= high <= 1:
+            if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
                 raise VitcraftError(f"crop_scale must be two numbers 0 < low <= high <= 1, got {self.crop_scale!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise VitcraftError(f"max_steps must be positive, got {self.max_steps!r}")
+        for name in ("grad_clip", "num_threads"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise VitcraftError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not 0 <= self.seed < 2**32:  # the per-epoch seeds derived from it must fit torch's 64 bits
+            raise VitcraftError(f"seed must be in [0, 2**32), got {self.seed!r}")
+        extra_augment(self, num_classes=1)  # checks auto_augment, random_erasing, mixup/cutmix_alpha, mix_prob
+        if self.distillation not in DISTILLATIONS:
+            raise VitcraftError(f"distillation must be one of {', '.join(DISTILLATIONS)}; got {self.distillation!r}")
+        if not 0 <= self.distill_alpha <= 1 or not self.distill_tau > 0:
+            raise VitcraftError(f"distill_alpha must be in [0, 1] and distill_tau positive, got "
+                                f"{self.distill_alpha!r} and {self.distill_tau!r}")
+        if self.progressive_sizes is not None and (
+                not self.progressive_sizes
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.progressive_sizes)):
+            raise VitcraftError(f"progressive_sizes must be a list of positive integers (image sizes), "
+                                f"got {self.progressive_sizes!r}")
+
+
+def extra_augment(train: TrainConfig, num_classes: int) -> ExtraAugment:
+    """The recipe's RandAugment/TrivialAugment, random erasing and MixUp/CutMix settings (validated)."""
+    return ExtraAugment(num_classes, train.auto_augment, train.random_erasing, train.mixup_alpha,
+                        train.cutmix_alpha, train.mix_prob)
 
 
 @dataclass
@@ -101,6 +143,13 @@ class DataConfig:
     mean: list[float] | None = None  # normalisation; None: 0.5 per channel, as the tutorial
     std: list[float] | None = None
 
+    def __post_init__(self) -> None:
+        check_types(DataConfig, vars(self), what="data setting")
+        if self.image_size is not None and self.image_size <= 0:
+            raise VitcraftError(f"image_size must be positive, got {self.image_size!r}")
+        if self.std is not None and not all(value > 0 for value in self.std):
+            raise VitcraftError(f"std values divide the pixels, so they must be positive; got {self.std!r}")
+
 
 @dataclass
 class RunConfig:
@@ -112,12 +161,17 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
-        # fail on a bad preset name or model key before any data is loaded
-        check_keys(self.model, get_preset(self.preset).config_class.field_names(), what="model config key")
+        # fail on a bad preset name, model key or value type before any data is loaded
+        if not isinstance(self.preset, str) or not isinstance(self.model, Mapping):
+            raise VitcraftError(f"preset must be a name and model a mapping of overrides, got "
+                                f"{short_repr(self.preset)} and {short_repr(self.model)}")
+        config_class = get_preset(self.preset).config_class
+        check_keys(self.model, config_class.field_names(), what="model config key")
+        check_types(config_class, self.model, what="model setting")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
-        check_keys(values, ["preset", "model", "train", "data"], what="run config section")
+        check_run_sections(values, "a run config")
         train = values.get("train", {}) or {}
         data = values.get("data", {}) or {}
         check_keys(train, [f.name for f in dataclasses.fields(TrainConfig)], what="train setting")
@@ -127,6 +181,20 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_run_sections(values: Any, where: str) -> None:
+    """Raise VitcraftError unless ``values`` maps known sections to mappings (model, train, data) or a name (preset)."""
+    if not isinstance(values, Mapping):
+        raise VitcraftError(f"{where} must be a mapping with sections preset/model/train/data, "
+                            f"got {type(values).__name__}")
+    check_keys(values, ["preset", "model", "train", "data"], what="run config section")
+    if not isinstance(values.get("preset", ""), str):
+        raise VitcraftError(f"preset in {where} must be a model name, got {short_repr(values['preset'])}")
+    for name in ("model", "train", "data"):
+        if not isinstance(values.get(name) or {}, Mapping):
+            raise VitcraftError(f"the {name} section of {where} must be a mapping of settings, "
+                                f"got {short_repr(values[name])}")
 
 
 def load_run_config(run_dir: Path | str) -> RunConfig:
@@ -142,18 +210,17 @@ def load_run_config_file(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise VitcraftError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
             values = yaml.safe_load(text)
         else:
             values = json.loads(text)
-    except Exception as error:  # yaml.YAMLError, json.JSONDecodeError
+    except Exception as error:  # UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError, RecursionError
         raise VitcraftError(f"cannot parse config file {path}: {error}") from None
-    if not isinstance(values, dict):
-        raise VitcraftError(f"config file {path} must hold a mapping with sections preset/model/train/data")
+    check_run_sections(values, f"config file {path}")  # the CLI merges the sections before from_dict
     return values
 
 
@@ -175,10 +242,11 @@ def learning_rate_at(step: int, train: TrainConfig, total_steps: int) -> float:
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only.
 
-    Decaying biases, LayerNorm gains, the [CLS] token or position embeddings
-    pulls them towards 0 for no benefit (timm and nanoGPT exclude them too).
+    Decaying biases, LayerNorm gains, the [CLS] (and DeiT's distillation) token, position
+    embeddings or Swin's relative position bias tables pulls them towards 0 for no benefit
+    (timm and nanoGPT exclude them too).
     """
-    no_decay_names = {"cls_token", "position_embeddings"}
+    no_decay_names = {"cls_token", "distillation_token", "position_embeddings", "relative_position_bias_table"}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -237,6 +305,25 @@ class Distributed:
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def run_on_main(self, action: Callable[[], None]) -> None:
+        """Call ``action`` on rank 0 only; a VitcraftError it raises is raised on every rank.
+
+        Without this the other ranks would wait for rank 0 in the next collective
+        (DDP's first broadcast) until the backend's timeout.
+        """
+        message = None
+        if self.is_main:
+            try:
+                action()
+            except VitcraftError as error:
+                message = str(error)
+        if self.world_size > 1:
+            box = [message]
+            dist.broadcast_object_list(box, src=0)
+            message = box[0]
+        if message is not None:
+            raise VitcraftError(message)
 
 
 def _setup_distributed(train: TrainConfig) -> tuple[Distributed, torch.device]:
@@ -304,13 +391,18 @@ def _prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out_dir / ckpt.CHECKPOINT_FILE).is_file():
             raise VitcraftError(f"cannot resume: {out_dir} holds no checkpoint ({ckpt.CHECKPOINT_FILE} is missing)")
+        remove_stale_temporaries(out_dir, RUN_FILES)  # left by a kill during a write; the files themselves are whole
         return
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
     if existing and not overwrite:
         raise VitcraftError(f"{out_dir} already holds a run ({', '.join(existing)}); use --resume {out_dir} "
                             f"to continue it, --overwrite to replace it, or another --out")
     for name in existing:
-        (out_dir / name).unlink()
+        if name == TENSORBOARD_DIR:
+            remove_event_files(out_dir)  # the event files only; a user's own files there stay
+        else:
+            (out_dir / name).unlink()
+    remove_stale_temporaries(out_dir, RUN_FILES)
 
 
 def _write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -324,17 +416,17 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
 
 
 def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, figures: bool = True, log=print) -> dict[str, Any]:
+          progress: bool = True, figures: bool = True, log=print, tensorboard: bool = True) -> dict[str, Any]:
     """Train (or resume) a run into ``out_dir``; return its last metrics record.
 
     To resume, pass the run's own config (``load_run_config(out_dir)``), with
-    more epochs if it should train longer.
+    more epochs if it should train longer. With ``tensorboard`` (and the
+    tensorboard package installed) scalars also go to ``out_dir/tensorboard``.
     """
     out_dir = Path(out_dir)
     cfg = run.train
     ddp, device = _setup_distributed(cfg)
-    if ddp.is_main:
-        _prepare_run_dir(out_dir, resume, overwrite)
+    ddp.run_on_main(lambda: _prepare_run_dir(out_dir, resume, overwrite))
     torch.manual_seed(cfg.seed)
 
     cache_dir = Path(run.data.cache_dir) if run.data.cache_dir else None
@@ -343,16 +435,23 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
     normalization = normalization_for(run, train_set.num_channels)
     if device.type != "cpu":  # keep the uint8 data on the accelerator: no copies per batch
         train_set, test_set = train_set.to(device), test_set.to(device)
+    distiller = None
+    if cfg.teacher:  # loaded before the student is seeded, and checked before anything is trained
+        teacher = load_teacher(cfg.teacher, train_set.class_names, train_set.num_channels, normalization, device)
+        distiller = Distiller(teacher, cfg.distillation, cfg.distill_alpha, cfg.distill_tau, cfg.label_smoothing)
 
     model_config = resolve_model_config(run, train_set)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = get_preset(run.preset).builder(model_config).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.progressive_sizes:
+        allow_image_sizes(model, cfg.progressive_sizes, run.preset)
     optimizer = build_optimizer(model, cfg)
     dtype = autocast_dtype(device, cfg.precision)
     scaler = grad_scaler(device, dtype)
     augment = BatchAugment(normalization, cfg.flip_p, tuple(cfg.crop_scale) if cfg.crop_scale else None)
+    extra = extra_augment(cfg, len(train_set.class_names))
 
     local_batch = cfg.batch_size // ddp.world_size
     steps_per_epoch = math.ceil(len(epoch_indices(len(train_set), cfg.seed, 0, True, ddp.rank, ddp.world_size))
@@ -390,6 +489,7 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
     if ddp.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    board = TensorBoardLog(out_dir, enabled=tensorboard and ddp.is_main, resume_step=step)
     show_bar = progress and ddp.is_main and sys.stderr.isatty()
     for epoch in range(start_epoch, cfg.epochs):
         if step >= total_steps:
@@ -398,7 +498,12 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
         started = time.perf_counter()
         order = epoch_indices(len(train_set), cfg.seed, epoch, True, ddp.rank, ddp.world_size)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + ddp.rank)
+        if ddp.world_size > 1:
+            # Every rank starts from the same seed (for equal initial weights), so without this
+            # all ranks would draw the same dropout masks. Seeded per epoch, so a resume redraws them.
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + ddp.rank + 0x9E3779B9)
         loss_sum, correct, seen = 0.0, 0.0, 0
+        image_size = progressive_size(cfg.progressive_sizes, epoch, cfg.epochs, train_set.image_size)
         bar = tqdm(total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not show_bar, dynamic_ncols=True)
         for images, labels in iterate_batches(train_set, order, local_batch):
@@ -407,11 +512,16 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
             lr = learning_rate_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = augment(images, generator).to(device, non_blocking=True)
+            images = augment(extra.policy(images, generator), generator).to(device, non_blocking=True)
+            images = resize_batch(images, image_size)  # progressive resizing; a no-op at the data's size
             labels = labels.to(device, non_blocking=True)
+            images, targets = extra.erase_and_mix(images, labels, generator)  # targets: labels or (B, K)
             with autocast(device, dtype):
-                logits, _ = ddp_model(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                if distiller is not None:
+                    loss, logits = distiller(ddp_model, images, targets)
+                else:
+                    logits, _ = ddp_model(images)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip:
@@ -429,6 +539,7 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
             loss_sum += loss_value * len(labels)
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
+            board.log_step(step, loss_value, lr)
             bar.update(1)
             if show_bar and bar.n % 10 == 0:
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
@@ -443,6 +554,8 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
             "epoch_seconds": time.perf_counter() - started, "train_seconds": train_seconds,
             "images_per_second": seen / train_seconds,
         }
+        if cfg.progressive_sizes:
+            record["image_size"] = image_size  # of the training images this epoch
         history.append(record)
         if ddp.is_main:
             ckpt.save_checkpoint(out_dir, model, optimizer, scaler,
@@ -450,6 +563,8 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
             ckpt.save_model(out_dir, model, metadata)
             _write_metrics(out_dir, history)
             log(_epoch_line(record, cfg.epochs))
+            board.log_epoch(record)
+    board.close()
     if ddp.is_main and figures:
         from vitcraft.figures import draw_run_figures
 

@@ -47,8 +47,12 @@ TITLE_CHARS = 30  # about what fits over one 3-inch panel at 10 pt; longer title
 
 
 # --------------------------------------------------------------------------- attention maps
-def _check_attentions(attentions: Sequence[torch.Tensor]) -> int:
-    """Validate the model's attention list; return the patch-grid side g."""
+def _check_attentions(attentions: Sequence[torch.Tensor], num_prefix_tokens: int = 1) -> int:
+    """Validate the model's attention list; return the patch-grid side g.
+
+    ``num_prefix_tokens``: the tokens before the patches ([CLS]; 2 with DeiT's
+    distillation token, as the model's ``num_prefix_tokens`` says).
+    """
     if isinstance(attentions, torch.Tensor) or len(attentions) == 0:
         raise ValueError("attentions must be a non-empty list of (B, heads, tokens, tokens) tensors, "
                          "as returned by model(x, output_attentions=True)")
@@ -58,7 +62,7 @@ def _check_attentions(attentions: Sequence[torch.Tensor]) -> int:
         if attention.ndim != 4 or attention.shape[-1] != attention.shape[-2]:
             raise ValueError(f"attentions[{i}] must have shape (B, heads, tokens, tokens), "
                              f"got {tuple(attention.shape)}")
-    num_patches = attentions[0].shape[-1] - 1  # token 0 is [CLS]
+    num_patches = attentions[0].shape[-1] - num_prefix_tokens  # token 0 is [CLS]
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise ValueError(f"{num_patches} patch tokens do not form a square grid")
@@ -77,29 +81,31 @@ def _select_head(attention: torch.Tensor, head: int | str) -> torch.Tensor:
 
 def _cls_row_to_grid(matrix: torch.Tensor, side: int) -> torch.Tensor:
     """(B, N, N) token-to-token matrix -> (B, g, g): row 0 ([CLS]) over the patch columns."""
-    cls_to_patches = matrix[:, 0, 1:]  # (B, g*g), patches in row-major grid order
+    cls_to_patches = matrix[:, 0, -side * side:]  # (B, g*g): the patches follow the prefix tokens, row-major
     return cls_to_patches.reshape(-1, side, side)  # (B, g, g)
 
 
 def cls_attention_map(attentions: Sequence[torch.Tensor], layer: int = -1,
-                      head: int | str = "mean") -> torch.Tensor:
+                      head: int | str = "mean", num_prefix_tokens: int = 1) -> torch.Tensor:
     """How much the [CLS] token attends to each patch in one layer.
 
     ``attentions`` is the list ``model(x, output_attentions=True)`` returns: one
     (B, heads, 1 + g*g, 1 + g*g) tensor per block. ``layer`` indexes that list
     (negative counts from the end); ``head`` is ``"mean"`` (average the heads)
     or one head index. The values are the raw attention probabilities, so a
-    map sums to 1 minus what [CLS] gives itself.
+    map sums to 1 minus what [CLS] gives itself (and DeiT's distillation token:
+    ``num_prefix_tokens=2``).
     Out: float tensor (B, g, g), cell (r, c) is the patch in grid row r, column c.
     """
-    side = _check_attentions(attentions)
+    side = _check_attentions(attentions, num_prefix_tokens)
     num_layers = len(attentions)
     if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
         raise ValueError(f"layer must be an integer in [-{num_layers}, {num_layers}), got {layer!r}")
     return _cls_row_to_grid(_select_head(attentions[layer], head), side)
 
 
-def attention_rollout(attentions: Sequence[torch.Tensor], head: int | str = "mean") -> torch.Tensor:
+def attention_rollout(attentions: Sequence[torch.Tensor], head: int | str = "mean",
+                      num_prefix_tokens: int = 1) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020): how much each patch flows into [CLS] over all layers.
 
     A single layer's map ignores that tokens were already mixed by the layers
@@ -116,9 +122,9 @@ def attention_rollout(attentions: Sequence[torch.Tensor], head: int | str = "mea
     with depth and would make maps of different models incomparable. If no
     attention reaches the patches at all (every layer's [CLS] attends only to
     itself, e.g. identity attention), the map stays all zeros rather than NaN.
-    In: list of (B, heads, 1 + g*g, 1 + g*g). Out: float tensor (B, g, g).
+    In: list of (B, heads, P + g*g, P + g*g), P = num_prefix_tokens. Out: float tensor (B, g, g).
     """
-    side = _check_attentions(attentions)
+    side = _check_attentions(attentions, num_prefix_tokens)
     rollout = None
     for attention in attentions:
         mixed = _select_head(attention, head)  # (B, N, N)
@@ -322,6 +328,7 @@ def _curves_figure(metrics: Sequence[Mapping[str, float]], lrs: Sequence[float])
         lr_ax.set(xticks=[], yticks=[])  # an empty panel's default ticks would suggest data
     lr_ax.set(xlabel="Optimizer step", ylabel="Learning rate", title="Learning-rate schedule")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    lr_ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers (short runs: no 0.2)
 
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.grid(alpha=0.3)

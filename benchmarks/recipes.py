@@ -1,0 +1,149 @@
+"""Training recipes compared under one wall-clock budget each: test accuracy after N minutes.
+
+    python benchmarks/recipes.py --minutes 30 [--recipes seed deit-aug ...] [--data ../shared/data/cifar10-jpeg]
+
+Each recipe is a preset plus training settings. Its run gets ``--minutes`` of
+wall-clock time: a short calibration run (``--calibration-steps`` steps and
+one evaluation, not counted) measures the seconds per step (at every image
+size, for progressive resizing; with the teacher's forward, for distillation)
+and per evaluation, and the real run gets as many steps as fit, with the
+learning-rate schedule ending there. The table gives the minutes it really
+took, its test accuracy and the ``vitcraft train`` command that repeats it.
+A distillation recipe trains its teacher recipe first (its own row, its own
+budget). The runs are kept in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from vitcraft.data import load_splits
+from vitcraft.train import DataConfig, RunConfig, TrainConfig, train
+
+COSINE = {"schedule": "cosine", "warmup_fraction": 0.05, "min_lr": 1e-5}
+DEIT_AUGMENT = {"auto_augment": "randaugment", "random_erasing": 0.25, "mixup_alpha": 0.8, "cutmix_alpha": 1.0,
+                "label_smoothing": 0.1, "weight_decay": 0.05}
+# name -> (preset, train settings, teacher recipe or None); warmup_fraction becomes warmup_steps
+RECIPES: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "seed": ("seed-tiny", {}, None),  # the tutorial's recipe: constant lr 1e-3, flip + crop
+    "cosine": ("seed-tiny", {**COSINE, "label_smoothing": 0.1}, None),
+    "trivialaugment": ("seed-tiny", {**COSINE, "label_smoothing": 0.1, "auto_augment": "trivialaugment"}, None),
+    "deit-aug": ("seed-tiny", {**COSINE, **DEIT_AUGMENT}, None),
+    "progressive": ("seed-tiny", {**COSINE, "label_smoothing": 0.1, "progressive_sizes": [16, 24, 32]}, None),
+    "cnn-small": ("cnn-small", {**COSINE, "learning_rate": 2e-3}, None),
+    "deit-hard": ("deit-seed-tiny", {**COSINE, "label_smoothing": 0.1, "distillation": "hard"}, "cnn-small"),
+    "deit-soft": ("deit-seed-tiny", {**COSINE, "label_smoothing": 0.1, "distillation": "soft"}, "cnn-small"),
+}
+CLI_FLAGS = {"learning_rate": "--lr", "num_threads": "--threads"}  # train settings whose flag is not --their-name
+
+
+def settings_for(recipe: str, steps: int | None, steps_per_epoch: int, teacher_dir: Path | None,
+                 threads: int | None, batch_size: int) -> dict[str, Any]:
+    """The TrainConfig settings of a recipe, for ``steps`` optimizer steps (None: its own epochs)."""
+    settings = dict(RECIPES[recipe][1])
+    warmup_fraction = settings.pop("warmup_fraction", 0.0)
+    settings.update(batch_size=batch_size, num_threads=threads)
+    if steps is not None:
+        settings.update(epochs=math.ceil(steps / steps_per_epoch), max_steps=steps,
+                        warmup_steps=math.ceil(warmup_fraction * steps))
+    if teacher_dir is not None:
+        settings["teacher"] = str(teacher_dir)
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def command(preset: str, data: str, settings: dict[str, Any], out: Path) -> str:
+    """The ``vitcraft train`` command line of a run."""
+    words = ["vitcraft", "train", "--data", data, "--preset", preset]
+    for key, value in settings.items():
+        flag = CLI_FLAGS.get(key, "--" + key.replace("_", "-"))
+        words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return shlex.join([*words, "--out", str(out)])
+
+
+def run_once(preset: str, settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tuple[dict, float]:
+    """Train one run; (its last metrics record, wall-clock seconds)."""
+    run = RunConfig(preset=preset, train=TrainConfig(**settings),
+                    data=DataConfig(data=args.data, cache_dir=args.cache_dir))
+    started = time.perf_counter()
+    last = train(run, out, progress=False, figures=False, tensorboard=False, log=lambda *_: None)
+    return last, time.perf_counter() - started
+
+
+def calibrate(recipe: str, args: argparse.Namespace, teacher_dir: Path | None,
+              steps_per_epoch: int) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluation) of a recipe, from short runs."""
+    preset, recipe_settings, _ = RECIPES[recipe]
+    step_seconds, eval_seconds = [], []
+    for size in recipe_settings.get("progressive_sizes") or [None]:
+        settings = settings_for(recipe, args.calibration_steps, steps_per_epoch, teacher_dir, args.threads,
+                                args.batch_size)
+        if size is not None:
+            settings["progressive_sizes"] = [size]
+        with tempfile.TemporaryDirectory() as tmp:
+            last, _ = run_once(preset, settings, args, Path(tmp) / "run")
+            step_seconds.append(last["train_seconds"] / last["step"])
+            eval_seconds.append(last["epoch_seconds"] - last["train_seconds"])
+    return sum(step_seconds) / len(step_seconds), max(eval_seconds)
+
+
+def steps_within(budget_seconds: float, step_seconds: float, eval_seconds: float, steps_per_epoch: int) -> int:
+    """The most steps whose training plus one evaluation per (started) epoch fits the budget (at least 1)."""
+    per_step = step_seconds + eval_seconds / steps_per_epoch  # evaluations spread over the steps
+    steps = max(1, int((budget_seconds - eval_seconds) / per_step))  # the last, partial epoch's evaluation too
+    while steps > 1 and steps * step_seconds + math.ceil(steps / steps_per_epoch) * eval_seconds > budget_seconds:
+        steps -= 1
+    return steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/cifar10-jpeg")
+    parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of each recipe's run")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), metavar="RECIPE",
+                        help=f"recipes to run (default all: {', '.join(RECIPES)})")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    parser.add_argument("--calibration-steps", type=int, default=10)
+    parser.add_argument("--cache-dir", help="decoded-data cache (default ~/.cache/vitcraft)")
+    parser.add_argument("--out", type=Path, default=Path("runs") / f"recipes-{datetime.now():%Y%m%d-%H%M%S}")
+    args = parser.parse_args()
+
+    train_set, _ = load_splits(args.data, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    order = []  # teachers before their students
+    for recipe in args.recipes:
+        teacher = RECIPES[recipe][2]
+        order += [name for name in (teacher, recipe) if name is not None and name not in order]
+    rows, run_dirs = [], {}
+    for recipe in order:
+        preset, _, teacher = RECIPES[recipe]
+        teacher_dir = run_dirs.get(teacher)
+        step_seconds, eval_seconds = calibrate(recipe, args, teacher_dir, steps_per_epoch)
+        steps = steps_within(60 * args.minutes, step_seconds, eval_seconds, steps_per_epoch)
+        settings = settings_for(recipe, steps, steps_per_epoch, teacher_dir, args.threads, args.batch_size)
+        out = args.out / recipe
+        print(f"{recipe}: {step_seconds:.3f} s/step, {eval_seconds:.1f} s/evaluation -> {steps} steps "
+              f"({steps / steps_per_epoch:.2f} epochs)", flush=True)
+        last, seconds = run_once(preset, settings, args, out)
+        run_dirs[recipe] = out
+        parameters = json.loads((out / "model.json").read_text())["num_parameters"]
+        rows.append((recipe, preset, parameters, seconds / 60, last["test_acc"],
+                     command(preset, args.data, settings, out)))
+        print(f"{recipe}: test accuracy {100 * last['test_acc']:.2f}% in {seconds / 60:.1f} min", flush=True)
+
+    print(f"\n| recipe | model | parameters | minutes | test accuracy | command |")
+    print("|---|---|---:|---:|---:|---|")
+    for recipe, preset, parameters, minutes, accuracy, line in rows:
+        print(f"| {recipe} | {preset} | {parameters:,} | {minutes:.1f} | {100 * accuracy:.2f}% | `{line}` |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""DistributedDataParallel for real: two gloo ranks on the CPU, launched by torchrun.
+
+With augmentation and dropout off, a global batch B split over 2 ranks takes
+the same optimizer steps as one rank with batch B: each rank averages the
+loss over its B/2 images and DDP averages the two gradients. So the weights
+and metrics must match a one-rank run to float tolerance, and a checkpoint
+must resume on the other number of ranks as if nothing had changed.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_folder_dataset
+from run_helpers import (NO_DROPOUT, RESUME, SMALL_RUN, TIMEOUT, assert_same_run, finish, metrics, run_here, start,
+                         temporaries)
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# 48 training images: 3 global batches of 16 per epoch, on each of 2 ranks 3 batches of 8
+RUN = ["--batch-size", "16", "--no-augment", "--seed", "3", *SMALL_RUN, *NO_DROPOUT]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_folder_dataset(tmp_path_factory.mktemp("ddp") / "data", per_class=(16, 4))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """One-rank runs (in this process) after 2 and after 3 epochs."""
+    root = tmp_path_factory.mktemp("reference")
+    run_here("train", "--data", str(data), "--out", str(root / "2"), "--epochs", "2", *RUN)
+    shutil.copytree(root / "2", root / "3")
+    run_here("train", "--resume", str(root / "3"), "--epochs", "3", *RESUME)
+    return {2: root / "2", 3: root / "3"}
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(data, tmp_path_factory):
+    """A 2-epoch run on 2 ranks, launched as a user would: torchrun, a fresh interpreter per rank."""
+    out = tmp_path_factory.mktemp("ddp-run") / "run"
+    result = subprocess.run([*TORCHRUN, "-m", "vitcraft", "train", "--data", str(data), "--out", str(out),
+                             "--epochs", "2", *RUN], capture_output=True, text=True, timeout=TIMEOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(two_rank_run, reference):
+    out, stdout = two_rank_run
+    assert "2 rank(s)" in stdout
+    # only rank 0 logs and writes
+    assert stdout.count("run saved in") == 1 and stdout.count("epoch 2/2") == 1
+    assert len(metrics(out)) == 2 and temporaries(out) == []
+    assert metrics(out)[-1]["step"] == 2 * 3  # global steps: 48 images / global batch 16, twice
+    assert_same_run(out, reference[2])
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run, reference, tmp_path):
+    run = shutil.copytree(two_rank_run[0], tmp_path / "run")
+    run_here("train", "--resume", str(run), "--epochs", "3", *RESUME)
+    assert_same_run(run, reference[3])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(args: list[str], logs, world_size: int = 2) -> list[int]:
+    """Exit codes of the ranks of `vitcraft ARGS`, each a forked process given torchrun's variables.
+
+    No torchrun agent: it would stop the other ranks itself when one fails,
+    hiding what the last test checks.
+    """
+    env = {"WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    ranks = [start(args, logs / f"rank{r}.txt", {**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(world_size)]
+    return [finish(rank) for rank in ranks]
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks(reference, tmp_path):
+    run = shutil.copytree(reference[2], tmp_path / "run")
+    assert launch_ranks(["train", "--resume", str(run), "--epochs", "3", *RESUME], tmp_path) == [0, 0], \
+        (tmp_path / "rank0.txt").read_text()[-3000:]
+    assert_same_run(run, reference[3])
+
+
+def test_rank_zero_refusal_stops_every_rank(reference, data, tmp_path):
+    """Only rank 0 checks the run directory; the other rank must stop with the same message.
+
+    Without that it waits for rank 0 in DDP's first collective and fails with a
+    traceback when rank 0 disconnects (gloo), or waits until the timeout (NCCL).
+    """
+    statuses = launch_ranks(["train", "--data", str(data), "--out", str(reference[2]), *RUN], tmp_path)
+    for rank, status in enumerate(statuses):
+        log = (tmp_path / f"rank{rank}.txt").read_text()
+        assert status == 2, log[-3000:]
+        assert "already holds a run" in log and "Traceback" not in log
