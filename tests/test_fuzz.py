@@ -31,7 +31,7 @@ from vitcraft.cli import build_parser, run_config_from_args
 from vitcraft.config import ViTConfig
 from vitcraft.data import load_splits, read_image
 from vitcraft.errors import VitcraftError
-from vitcraft.train import DataConfig, RunConfig, TrainConfig, load_run_config_file
+from vitcraft.train import DataConfig, RunConfig, TrainConfig, load_run_config, load_run_config_file
 
 SECONDS_PER_CASE = 10
 # values of every JSON/YAML type, in and out of range
@@ -40,7 +40,8 @@ ODD_VALUES = [-3, 0, 1, 7, 2**31, 10**30, -1e9, 0.5, 1.5, 1e300, math.nan, math.
               {"a": 1}, [[[[1]]]]]
 INT_FIELDS = ("image_size", "patch_size", "num_channels", "num_classes", "hidden_size", "num_hidden_layers",
               "num_attention_heads", "intermediate_size")
-BAD_INTS = [-3, 0, 2**31, 10**30, 1.5, math.nan, True, None, "12", [1], {"a": 1}]  # each refused by every int field
+# each refused by every int field
+BAD_INTS = [-3, 0, 2**31, 10**30, 1.5, math.nan, True, None, "12", [1], {"a": 1}]
 
 
 @contextlib.contextmanager
@@ -191,6 +192,18 @@ def test_malformed_config_files_raise_value_error(tmp_path):
                 assert str(path) in str(result)  # a file that is no config says which file
 
 
+def test_malformed_run_directory_configs_raise_value_error(tmp_path):
+    """`--resume` and eval read RUN_DIR/config.json: garbage there is a clear error too."""
+    rng = random.Random(7)
+    for index in range(60):
+        run_dir = tmp_path / str(index)
+        run_dir.mkdir()
+        value = rng.choice([run_case(rng), {"run": run_case(rng)}, {"run": run_case(rng), "preset": 1}])
+        text = json.dumps(value)
+        (run_dir / "config.json").write_text(text[:rng.randrange(len(text) + 1)] if rng.random() < 0.3 else text)
+        assert isinstance(outcome(load_run_config, run_dir), (RunConfig, ValueError))
+
+
 # ------------------------------------------------------------------- images
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
@@ -298,7 +311,8 @@ def test_sixteen_bit_grayscale_keeps_its_high_byte(tmp_path):
     values = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257  # 8-bit v stored as 16-bit v * 257
     Image.fromarray(values).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
-    np.testing.assert_array_equal(read_image(tmp_path / "deep.png", "L", None)[..., 0], np.arange(256).reshape(16, 16))
+    gray = read_image(tmp_path / "deep.png", "L", None)[..., 0]
+    np.testing.assert_array_equal(gray, np.arange(256).reshape(16, 16))
 
 
 def test_broken_chunk_met_while_decoding_is_named(tmp_path):

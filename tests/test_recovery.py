@@ -52,10 +52,10 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
-    """The same run, never interrupted (in this process), and how long it took."""
-    out, started = tmp_path_factory.mktemp("reference") / "run", time.monotonic()
+    """The same run, never interrupted (in this process), and the seconds its epochs took."""
+    out = tmp_path_factory.mktemp("reference") / "run"
     run_here("train", "--data", str(data), "--out", str(out), *RUN)
-    return out, time.monotonic() - started
+    return out, sum(json.loads(line)["epoch_seconds"] for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
 def assert_whole_or_absent(run_dir) -> int | None:
@@ -80,7 +80,7 @@ def assert_whole_or_absent(run_dir) -> int | None:
 def test_random_kills_then_resume_equal_an_uninterrupted_run(data, reference, tmp_path):
     reference, seconds = reference
     out, log, delays = tmp_path / "run", tmp_path / "log.txt", random.Random(20240611)
-    window = seconds / 4  # so that several kills come before the run is through, however fast this machine
+    window = seconds / 2  # so that several kills come before the run is through, however fast this machine
     fresh = ["train", "--data", str(data), "--out", str(out), "--overwrite", *RUN]
     for _ in range(KILLS):
         resume = (out / "checkpoint.safetensors").exists()

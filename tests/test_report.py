@@ -86,3 +86,23 @@ def test_report_errors_name_the_missing_path(tmp_path):
     (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n{oops\n')
     with pytest.raises(ValueError, match="line 2"):
         write_report(run_dir)
+
+
+def test_report_reads_the_config_layout_training_writes(tmp_path):
+    """config.json as train.py writes it: nested run sections get their own tables, the model is counted."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = {"run": {"preset": "seed-tiny", "model": {}, "train": {"epochs": 2, "batch_size": 256},
+                      "data": {"data": "cifar10"}},
+              "model_config": ViTConfig(num_classes=3).to_dict(), "class_names": ["a", "b", "c"]}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 196, "train_acc": 0.25,
+                                                       "train_seconds": 784.82}) + "\n")
+    page = write_report(run_dir).read_text()
+    assert "<h3>run / train</h3>" in page and "<th>batch_size</th><td>256</td>" in page
+    assert "<h3>run / data</h3>" in page and "<h3>run metadata</h3>" in page
+    assert "<th>model</th><td>{}</td>" in page  # an empty dict stays a row of its parent
+    assert '"batch_size"' not in page  # no section is dumped as a JSON blob
+    assert "118,755" in page  # counted on model_config (3 classes), not on the default 10-class model
+    for heading, value in (("train accuracy", "25.00%"), ("training seconds", "784.8"), ("step", "196")):
+        assert f"<th>{heading}</th>" in page and f"<td>{value}</td>" in page

@@ -234,6 +234,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert_checkpointing_keeps_gradients(lambda: SwinForClassification(config), torch.randn(2, 3, 16, 16))
 
 
+def test_onnx_export_takes_another_batch_size(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from vitcraft.export import export_onnx
+
+    model = randomize(SwinForClassification(SMALL)).eval()
+    path = export_onnx(model, tmp_path / "swin.onnx")  # traced with 2 images
+    x = torch.randn(3, 3, 32, 32)  # the window masks must now repeat 3 times, not 2
+    session = onnxruntime.InferenceSession(str(path))
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(x)[0], atol=1e-4, rtol=1e-4)
+
+
 def test_relative_position_tables_are_not_decayed():
     model = SwinForClassification(SMALL)
     decayed, _ = build_optimizer(model, TrainConfig(weight_decay=0.05)).param_groups

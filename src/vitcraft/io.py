@@ -22,6 +22,10 @@ from safetensors.torch import load_file, save_file, safe_open
 
 from vitcraft.errors import VitcraftError
 
+# The process's umask, read once (os.umask can only be read by setting it), so that
+# written files get the usual permissions whatever the writer chose.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 TEMPORARY_NAME = re.compile(r"\.(.+)\.[0-9a-f]{32}\.tmp")  # atomic_write's temporary file for the name in group 1
 
 
@@ -29,10 +33,11 @@ def atomic_write(path: Path | str, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)`` then rename the result over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a unique name rather than mkstemp, whose 0600 permissions would survive the rename
     tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))  # see TEMPORARY_NAME
     try:
         write(tmp)
+        # safetensors creates its files owner-only (0600); a model folder is meant to be shared
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename publishes them
             os.fsync(f.fileno())
         os.replace(tmp, path)

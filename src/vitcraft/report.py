@@ -2,9 +2,12 @@
 
 The page reads what a run directory holds:
 
-* ``config.json``: ``{"model": {...ViTConfig fields...}, "train": {...},
-  "data": {"class_names": [...], ...}}`` (required; every section becomes a table,
-  an optional top-level ``"num_parameters"`` is used as the parameter count);
+* ``config.json`` (required), as training writes it: ``{"run": {"preset", "model",
+  "train": {...}, "data": {...}}, "model_config": {...ViTConfig fields...},
+  "class_names": [...], "num_parameters": N, ...}``. Every dict becomes a table
+  (a dict inside a section gets its own, e.g. "run / train"), the loose
+  top-level values one more; ``"num_parameters"`` is the parameter count, else
+  the model is built from ``"model_config"`` (or ``"model"``) and counted;
 * ``metrics.jsonl``: one JSON object per epoch (optional);
 * ``samples.png``, ``curves.png``, ``attention.png``, ``rollout.png``,
   ``confusion.png`` (each optional, from :mod:`vitcraft.viz`).
@@ -82,12 +85,15 @@ def _percent(value: float) -> str:
 # metrics.jsonl key -> (column heading, value formatter); columns appear in this order
 METRIC_COLUMNS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "epoch": ("epoch", str),
+    "step": ("step", str),
     "train_loss": ("train loss", _fixed(4)),
+    "train_acc": ("train accuracy", _percent),
     "test_loss": ("test loss", _fixed(4)),
     "test_acc": ("test accuracy", _percent),
     "test_top5": ("test top-5", _percent),
     "lr": ("learning rate", lambda value: f"{value:.2e}"),
     "epoch_seconds": ("seconds / epoch", _fixed(1)),
+    "train_seconds": ("training seconds", _fixed(1)),
     "images_per_second": ("images / second", lambda value: f"{value:,.0f}"),
 }
 
@@ -165,7 +171,7 @@ def parameter_count(config: dict[str, Any]) -> int:
     if config.get("num_parameters") is not None:
         return int(config["num_parameters"])
     with torch.device("meta"):
-        model = ViTForClassification(config.get("model", {}))
+        model = ViTForClassification(config.get("model_config", config.get("model", {})))
     return count_parameters(model)
 
 
@@ -209,14 +215,24 @@ def _table(rows: list[tuple[Any, Any]], header: tuple[str, str] = ("setting", "v
 
 
 def _config_tables(config: dict[str, Any]) -> str:
-    """One table per dict section of config.json (model, train, data, ...), plus loose top-level keys."""
+    """One table per dict of config.json, nested ones titled by their path ("run / train"),
+    then one for the loose top-level values. Empty dicts stay a "{}" row of their parent."""
     parts = []
+
+    def add(title: str, values: dict[str, Any]) -> None:
+        rows = [(key, value) for key, value in values.items() if not (isinstance(value, dict) and value)]
+        if rows:
+            parts.append(f"<div><h3>{_esc(title)}</h3>\n{_table(rows)}</div>")
+        for key, value in values.items():
+            if isinstance(value, dict) and value:
+                add(f"{title} / {key}", value)
+
     for section, values in config.items():
-        if isinstance(values, dict):
-            parts.append(f"<div><h3>{_esc(section)}</h3>\n{_table(list(values.items()))}</div>")
-    loose = [(key, value) for key, value in config.items() if not isinstance(value, dict)]
+        if isinstance(values, dict) and values:
+            add(section, values)
+    loose = [(key, value) for key, value in config.items() if not (isinstance(value, dict) and value)]
     if loose:
-        parts.append(f"<div><h3>run</h3>\n{_table(loose)}</div>")
+        parts.append(f"<div><h3>run metadata</h3>\n{_table(loose)}</div>")
     return '<div class="configs">\n' + "\n".join(parts) + "\n</div>"
 
 

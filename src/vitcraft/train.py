@@ -184,7 +184,8 @@ class RunConfig:
 
 
 def check_run_sections(values: Any, where: str) -> None:
-    """Raise VitcraftError unless ``values`` maps known sections to mappings (model, train, data) or a name (preset)."""
+    """Raise VitcraftError unless ``values`` maps known sections to mappings (model, train, data)
+    or to a name (preset)."""
     if not isinstance(values, Mapping):
         raise VitcraftError(f"{where} must be a mapping with sections preset/model/train/data, "
                             f"got {type(values).__name__}")
@@ -202,7 +203,10 @@ def load_run_config(run_dir: Path | str) -> RunConfig:
     path = Path(run_dir) / RUN_CONFIG_FILE
     if not path.is_file():
         raise VitcraftError(f"{run_dir} holds no run ({RUN_CONFIG_FILE} is missing)")
-    return RunConfig.from_dict(read_json(path)["run"])
+    saved = read_json(path)
+    if not isinstance(saved, dict) or "run" not in saved:
+        raise VitcraftError(f"{path} is not a vitcraft run config (it has no 'run' section)")
+    return RunConfig.from_dict(saved["run"])
 
 
 def load_run_config_file(path: Path | str) -> dict[str, Any]:
@@ -391,7 +395,7 @@ def _prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not (out_dir / ckpt.CHECKPOINT_FILE).is_file():
             raise VitcraftError(f"cannot resume: {out_dir} holds no checkpoint ({ckpt.CHECKPOINT_FILE} is missing)")
-        remove_stale_temporaries(out_dir, RUN_FILES)  # left by a kill during a write; the files themselves are whole
+        remove_stale_temporaries(out_dir, RUN_FILES)  # left by a kill mid-write; the files themselves are whole
         return
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
     if existing and not overwrite:

@@ -322,13 +322,13 @@ def _curves_figure(metrics: Sequence[Mapping[str, float]], lrs: Sequence[float])
     acc_ax.set(xlabel="Epoch", ylabel="Accuracy (%)", title="Test accuracy")
 
     lr_ax.plot(range(len(lrs)), list(lrs), color="tab:purple")
+    lr_ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers (short runs: no 0.2)
     if not lrs:
         lr_ax.text(0.5, 0.5, "no learning rates recorded", ha="center", va="center",
                    transform=lr_ax.transAxes, color="gray")
         lr_ax.set(xticks=[], yticks=[])  # an empty panel's default ticks would suggest data
     lr_ax.set(xlabel="Optimizer step", ylabel="Learning rate", title="Learning-rate schedule")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    lr_ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers (short runs: no 0.2)
 
     for ax in (loss_ax, acc_ax, lr_ax):
         ax.grid(alpha=0.3)
@@ -376,7 +376,7 @@ def _confusion_figure(matrix: torch.Tensor, class_names: Sequence[str]) -> Figur
     ax.set_yticks(range(num_classes), row_labels)
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class (per-class accuracy)")
-    ax.set_title(f"Confusion matrix: {total} images, {100 * float(overall):.1f}% correct")
+    ax.set_title(f"Confusion matrix: {total:,} images, {100 * float(overall):.1f}% correct")
 
     if num_classes <= MAX_ANNOTATED_CLASSES:
         fontsize = 10 if num_classes <= 12 else 7
