@@ -139,7 +139,7 @@ def main() -> None:
                      command(preset, args.data, settings, out)))
         print(f"{recipe}: test accuracy {100 * last['test_acc']:.2f}% in {seconds / 60:.1f} min", flush=True)
 
-    print(f"\n| recipe | model | parameters | minutes | test accuracy | command |")
+    print("\n| recipe | model | parameters | minutes | test accuracy | command |")
     print("|---|---|---:|---:|---:|---|")
     for recipe, preset, parameters, minutes, accuracy, line in rows:
         print(f"| {recipe} | {preset} | {parameters:,} | {minutes:.1f} | {100 * accuracy:.2f}% | `{line}` |")

@@ -1,6 +1,4 @@
-import math
 
-import pytest
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF

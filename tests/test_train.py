@@ -118,3 +118,18 @@ def test_bad_recipe_values_are_refused():
         TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="unknown train setting 'epoch'; did you mean 'epochs'"):
         RunConfig.from_dict({"train": {"epoch": 3}})
+
+
+def test_resume_after_a_kill_between_checkpoint_and_weights_repairs_the_weights(tiny_folder, tmp_path):
+    quiet = dict(progress=False, figures=False, log=lambda *_: None, tensorboard=False)
+    out = tmp_path / "run"
+    train(tiny_run(tiny_folder, tmp_path, epochs=1), out, **quiet)
+    stale = (out / "model.safetensors").read_bytes()
+    train(tiny_run(tiny_folder, tmp_path, epochs=2), out, resume=True, **quiet)
+    # as if killed after the last checkpoint was written but before model.safetensors was
+    (out / "model.safetensors").write_bytes(stale)
+    train(tiny_run(tiny_folder, tmp_path, epochs=2), out, resume=True, **quiet)  # nothing left to train
+    weights, _ = load_tensors(out / "model.safetensors")
+    checkpoint, _ = load_tensors(out / "checkpoint.safetensors")
+    for key, value in weights.items():
+        assert torch.equal(value, checkpoint[f"model.{key}"]), key

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from vitcraft.errors import VitcraftError
-from vitcraft.io import atomic_write_json, save_tensors_atomic, load_tensors
+from vitcraft.io import save_tensors_atomic, load_tensors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DOWNLOAD_TIMEOUT_SECONDS = 30

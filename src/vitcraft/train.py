@@ -474,7 +474,10 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
         state = ckpt.load_checkpoint(out_dir, model, optimizer, scaler)
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
         if ddp.is_main:
-            _write_metrics(out_dir, history)  # drop any record written after the checkpoint
+            # a kill between the checkpoint and the files after it leaves those a step behind:
+            # bring them back in line with the checkpoint (also when no epoch is left to run)
+            _write_metrics(out_dir, history)
+            ckpt.save_model(out_dir, model, metadata)
             log(f"resuming {out_dir} after epoch {start_epoch} (step {step})")
     elif ddp.is_main:
         atomic_write_json(out_dir / RUN_CONFIG_FILE, {"run": run.to_dict(), **metadata})
