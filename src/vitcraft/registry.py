@@ -48,7 +48,8 @@ def _vit(width: int, depth: int, heads: int, image_size: int, patch_size: int, n
 register_preset(Preset(
     "seed-tiny",
     "The seed tutorial's CIFAR-10 ViT: 32x32 input, 4x4 patches, width 48, 4 blocks, 4 heads "
-    "(119,098 parameters).",
+    "(119,098 parameters); the tutorial's 15-epoch recipe reaches 54.9% on CIFAR-10 at about "
+    "1 minute per epoch on 2 CPU cores.",
     ViTConfig().to_dict()))
 for _size, (_width, _heads) in {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}.items():
     register_preset(Preset(
