@@ -208,3 +208,30 @@ def test_config_round_trip_and_presets():
     assert m.classifier.out_features == 100
     with pytest.raises(ValueError, match="unknown model 'seed-tiy'; did you mean 'seed-tiny'"):
         create_model("seed-tiy")
+
+
+def test_dropout_works_in_a_forked_child():
+    # the parent's dropout thread pool is running; a forked child (a DataLoader worker,
+    # say) must get its own, or work sent to the inherited pool never runs
+    import multiprocessing
+
+    from vitcraft.model import Dropout
+
+    Dropout(0.1).train()(torch.ones(300_000))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_dropout_mean_into, args=(queue,))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+    assert abs(queue.get(timeout=5) - 1.0) < 0.01  # unbiased: kept values are scaled by 1 / (1 - p)
+
+
+def _dropout_mean_into(queue):
+    from vitcraft.model import Dropout
+
+    torch.set_num_threads(1)  # as DataLoader workers do: OpenMP itself is not fork-safe
+    queue.put(float(Dropout(0.1).train()(torch.ones(300_000)).mean()))

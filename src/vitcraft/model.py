@@ -12,6 +12,7 @@ Every module returns what the tutorial's does, including the
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
@@ -24,7 +25,21 @@ from vitcraft.config import ViTConfig
 from vitcraft.resize import resample_position_embeddings
 
 
-_RANDOM_WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vitcraft-dropout")
+def _new_random_workers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="vitcraft-dropout")
+
+
+_RANDOM_WORKERS = _new_random_workers()
+
+
+def _replace_random_workers_after_fork() -> None:
+    # a forked child inherits the pool but not its threads: work sent to it would never run
+    global _RANDOM_WORKERS
+    _RANDOM_WORKERS = _new_random_workers()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_replace_random_workers_after_fork)
 _PARALLEL_RANDOM_MIN_WORDS = 1 << 16
 
 
