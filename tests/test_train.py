@@ -133,3 +133,17 @@ def test_resume_after_a_kill_between_checkpoint_and_weights_repairs_the_weights(
     checkpoint, _ = load_tensors(out / "checkpoint.safetensors")
     for key, value in weights.items():
         assert torch.equal(value, checkpoint[f"model.{key}"]), key
+
+
+def test_grayscale_28px_data_trains_without_config_edits(tmp_path):
+    from conftest import write_folder_dataset
+
+    folder = write_folder_dataset(tmp_path / "gray", per_class=(8, 2), size=28, mode="L")
+    out = tmp_path / "run"
+    last = train(tiny_run(folder, tmp_path, epochs=1), out, progress=False, figures=True,
+                 log=lambda *_: None, tensorboard=False)
+    config = json.loads((out / "config.json").read_text())["model_config"]
+    assert (config["image_size"], config["num_channels"], config["num_classes"]) == (28, 1, 3)
+    assert 0 <= last["test_acc"] <= 1 and (out / "attention.png").is_file()
+    model, _ = load_trained_model(out)
+    assert model(torch.zeros(2, 1, 28, 28))[0].shape == (2, 3)
