@@ -98,3 +98,14 @@ def test_console_entry_point_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vitcraft", "eval", str(tmp_path / "none")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_eval_with_a_damaged_run_config_is_one_clear_error(trained_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "damaged"
+    shutil.copytree(trained_run, run)
+    (run / "config.json").write_text('{"model_config": {}}')  # no "run" section
+    assert main(["eval", str(run), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a vitcraft run config" in err and "Traceback" not in err

@@ -204,15 +204,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _run_test_set(run_dir: Path, args: argparse.Namespace, metadata: dict):
     """The test split a run was trained on, or the one --data names, at the model's image size or --image-size."""
     from vitcraft.data import load_splits
-    from vitcraft.io import read_json
-    from vitcraft.train import RUN_CONFIG_FILE
+    from vitcraft.train import RUN_CONFIG_FILE, DataConfig, load_run_config
 
-    saved = read_json(run_dir / RUN_CONFIG_FILE)["run"]["data"] if (run_dir / RUN_CONFIG_FILE).is_file() else {}
-    data = args.data or saved.get("data")
+    # a hub-style model folder has no run config: then --data must say which data
+    saved = load_run_config(run_dir).data if (run_dir / RUN_CONFIG_FILE).is_file() else DataConfig(data="")
+    data = args.data or saved.data
     if not data:
         raise VitcraftError(f"{run_dir} does not say which data it was trained on; pass --data")
-    data_root = args.data_root or (saved.get("data_root") if not args.data else None)
-    cache_dir = args.cache_dir or saved.get("cache_dir")
+    data_root = args.data_root or (saved.data_root if not args.data else None)
+    cache_dir = args.cache_dir or saved.cache_dir
     _, test_set = load_splits(data, Path(data_root) if data_root else None,
                               args.image_size or metadata["model_config"]["image_size"],
                               Path(cache_dir) if cache_dir else None)
