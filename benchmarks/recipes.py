@@ -23,7 +23,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vitcraft.data import load_splits
 from vitcraft.train import DataConfig, RunConfig, TrainConfig, train
@@ -31,24 +31,45 @@ from vitcraft.train import DataConfig, RunConfig, TrainConfig, train
 COSINE = {"schedule": "cosine", "warmup_fraction": 0.05, "min_lr": 1e-5}
 DEIT_AUGMENT = {"auto_augment": "randaugment", "random_erasing": 0.25, "mixup_alpha": 0.8, "cutmix_alpha": 1.0,
                 "label_smoothing": 0.1, "weight_decay": 0.05}
-# name -> (preset, train settings, teacher recipe or None); warmup_fraction becomes warmup_steps
-RECIPES: dict[str, tuple[str, dict[str, Any], str | None]] = {
-    "seed": ("seed-tiny", {}, None),  # the tutorial's recipe: constant lr 1e-3, flip + crop
-    "cosine": ("seed-tiny", {**COSINE, "label_smoothing": 0.1}, None),
-    "trivialaugment": ("seed-tiny", {**COSINE, "label_smoothing": 0.1, "auto_augment": "trivialaugment"}, None),
-    "deit-aug": ("seed-tiny", {**COSINE, **DEIT_AUGMENT}, None),
-    "progressive": ("seed-tiny", {**COSINE, "label_smoothing": 0.1, "progressive_sizes": [16, 24, 32]}, None),
-    "cnn-small": ("cnn-small", {**COSINE, "learning_rate": 2e-3}, None),
-    "deit-hard": ("deit-seed-tiny", {**COSINE, "label_smoothing": 0.1, "distillation": "hard"}, "cnn-small"),
-    "deit-soft": ("deit-seed-tiny", {**COSINE, "label_smoothing": 0.1, "distillation": "soft"}, "cnn-small"),
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # short budgets underfit
+# the short-budget ViT recipe: cosine from a higher peak, label smoothing, no dropout
+FAST_VIT = {**COSINE, "learning_rate": 2e-3, "grad_clip": 1.0, "label_smoothing": 0.1}
+
+
+class Recipe(NamedTuple):
+    """A model preset (with overrides) and the training settings of one table row."""
+
+    preset: str
+    settings: dict[str, Any]  # TrainConfig settings; warmup_fraction becomes warmup_steps
+    teacher: str | None = None  # the recipe whose run distils into this one
+    model: dict[str, Any] = {}  # model config overrides (--model-arg)
+
+
+RECIPES: dict[str, Recipe] = {
+    "seed": Recipe("seed-tiny", {}),  # the tutorial's recipe: constant lr 1e-3, flip + crop
+    "cosine": Recipe("seed-tiny", {**COSINE, "label_smoothing": 0.1}),
+    "vit-fast": Recipe("seed-tiny", FAST_VIT, model=NO_DROPOUT),
+    "trivialaugment": Recipe("seed-tiny", {**COSINE, "label_smoothing": 0.1, "auto_augment": "trivialaugment"}),
+    "deit-aug": Recipe("seed-tiny", {**COSINE, **DEIT_AUGMENT}),
+    "progressive": Recipe("seed-tiny", {**COSINE, "label_smoothing": 0.1, "progressive_sizes": [16, 24, 32]}),
+    "cnn-small": Recipe("cnn-small", {**COSINE, "learning_rate": 2e-3}),
+    # its channels-last convolutions train 2-3x faster in bf16 than in fp32 on a CPU with bf16 units
+    "cnn-32": Recipe("cnn-small", {**COSINE, "learning_rate": 2e-3, "label_smoothing": 0.1, "precision": "bf16"},
+                     model={"width": 32}),
+    "deit-hard": Recipe("deit-seed-tiny", {**COSINE, "label_smoothing": 0.1, "distillation": "hard"}, "cnn-small"),
+    "deit-soft": Recipe("deit-seed-tiny", {**COSINE, "label_smoothing": 0.1, "distillation": "soft"}, "cnn-small"),
+    "deit-fast": Recipe("deit-seed-tiny", {**FAST_VIT, "distillation": "hard"}, "cnn-32", model=NO_DROPOUT),
 }
+TUTORIAL_ACCURACY = 0.5488  # the tutorial pipeline's test accuracy after its 15 epochs (benchmarks/epoch.py)
+TABLE_HEADER = (f"| recipe | model | parameters | minutes | test accuracy | minutes to {100 * TUTORIAL_ACCURACY:.1f}% "
+                f"| command |\n|---|---|---:|---:|---:|---:|---|")
 CLI_FLAGS = {"learning_rate": "--lr", "num_threads": "--threads"}  # train settings whose flag is not --their-name
 
 
 def settings_for(recipe: str, steps: int | None, steps_per_epoch: int, teacher_dir: Path | None,
                  threads: int | None, batch_size: int) -> dict[str, Any]:
     """The TrainConfig settings of a recipe, for ``steps`` optimizer steps (None: its own epochs)."""
-    settings = dict(RECIPES[recipe][1])
+    settings = dict(RECIPES[recipe].settings)
     warmup_fraction = settings.pop("warmup_fraction", 0.0)
     settings.update(batch_size=batch_size, num_threads=threads)
     if steps is not None:
@@ -59,18 +80,20 @@ def settings_for(recipe: str, steps: int | None, steps_per_epoch: int, teacher_d
     return {k: v for k, v in settings.items() if v is not None}
 
 
-def command(preset: str, data: str, settings: dict[str, Any], out: Path) -> str:
+def command(recipe: Recipe, data: str, settings: dict[str, Any], out: Path) -> str:
     """The ``vitcraft train`` command line of a run."""
-    words = ["vitcraft", "train", "--data", data, "--preset", preset]
+    words = ["vitcraft", "train", "--data", data, "--preset", recipe.preset]
+    for key, value in recipe.model.items():
+        words += ["--model-arg", f"{key}={value}"]
     for key, value in settings.items():
         flag = CLI_FLAGS.get(key, "--" + key.replace("_", "-"))
         words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return shlex.join([*words, "--out", str(out)])
 
 
-def run_once(preset: str, settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tuple[dict, float]:
+def run_once(recipe: Recipe, settings: dict[str, Any], args: argparse.Namespace, out: Path) -> tuple[dict, float]:
     """Train one run; (its last metrics record, wall-clock seconds)."""
-    run = RunConfig(preset=preset, train=TrainConfig(**settings),
+    run = RunConfig(preset=recipe.preset, model=dict(recipe.model), train=TrainConfig(**settings),
                     data=DataConfig(data=args.data, cache_dir=args.cache_dir))
     started = time.perf_counter()
     last = train(run, out, progress=False, figures=False, tensorboard=False, log=lambda *_: None)
@@ -80,18 +103,28 @@ def run_once(preset: str, settings: dict[str, Any], args: argparse.Namespace, ou
 def calibrate(recipe: str, args: argparse.Namespace, teacher_dir: Path | None,
               steps_per_epoch: int) -> tuple[float, float]:
     """(seconds per training step, seconds per evaluation) of a recipe, from short runs."""
-    preset, recipe_settings, _ = RECIPES[recipe]
     step_seconds, eval_seconds = [], []
-    for size in recipe_settings.get("progressive_sizes") or [None]:
+    for size in RECIPES[recipe].settings.get("progressive_sizes") or [None]:
         settings = settings_for(recipe, args.calibration_steps, steps_per_epoch, teacher_dir, args.threads,
                                 args.batch_size)
         if size is not None:
             settings["progressive_sizes"] = [size]
         with tempfile.TemporaryDirectory() as tmp:
-            last, _ = run_once(preset, settings, args, Path(tmp) / "run")
+            last, _ = run_once(RECIPES[recipe], settings, args, Path(tmp) / "run")
             step_seconds.append(last["train_seconds"] / last["step"])
             eval_seconds.append(last["epoch_seconds"] - last["train_seconds"])
     return sum(step_seconds) / len(step_seconds), max(eval_seconds)
+
+
+def minutes_to_reach(run_dir: Path, accuracy: float) -> float | None:
+    """Minutes of training and evaluation until the first epoch whose test accuracy reached ``accuracy``."""
+    seconds = 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        seconds += record["epoch_seconds"]
+        if record["test_acc"] >= accuracy:
+            return seconds / 60
+    return None
 
 
 def steps_within(budget_seconds: float, step_seconds: float, eval_seconds: float, steps_per_epoch: int) -> int:
@@ -113,37 +146,43 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--calibration-steps", type=int, default=10)
     parser.add_argument("--cache-dir", help="decoded-data cache (default ~/.cache/vitcraft)")
+    parser.add_argument("--teachers-from", type=Path, metavar="DIR",
+                        help="a teacher recipe with a finished run in DIR/RECIPE is used as is, not trained again")
     parser.add_argument("--out", type=Path, default=Path("runs") / f"recipes-{datetime.now():%Y%m%d-%H%M%S}")
     args = parser.parse_args()
 
     train_set, _ = load_splits(args.data, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
-    order = []  # teachers before their students
+    run_dirs = {}  # recipe -> its finished run
+    if args.teachers_from:
+        run_dirs = {recipe: args.teachers_from / recipe for recipe in RECIPES
+                    if (args.teachers_from / recipe / "model.json").is_file()}
+    order = []  # teachers (not yet trained) before their students
     for recipe in args.recipes:
-        teacher = RECIPES[recipe][2]
-        order += [name for name in (teacher, recipe) if name is not None and name not in order]
-    rows, run_dirs = [], {}
+        teacher = RECIPES[recipe].teacher
+        order += [name for name in (teacher, recipe)
+                  if name is not None and name not in order and (name == recipe or name not in run_dirs)]
+    rows = []
     for recipe in order:
-        preset, _, teacher = RECIPES[recipe]
-        teacher_dir = run_dirs.get(teacher)
+        teacher_dir = run_dirs.get(RECIPES[recipe].teacher)
         step_seconds, eval_seconds = calibrate(recipe, args, teacher_dir, steps_per_epoch)
         steps = steps_within(60 * args.minutes, step_seconds, eval_seconds, steps_per_epoch)
         settings = settings_for(recipe, steps, steps_per_epoch, teacher_dir, args.threads, args.batch_size)
         out = args.out / recipe
         print(f"{recipe}: {step_seconds:.3f} s/step, {eval_seconds:.1f} s/evaluation -> {steps} steps "
               f"({steps / steps_per_epoch:.2f} epochs)", flush=True)
-        last, seconds = run_once(preset, settings, args, out)
+        last, seconds = run_once(RECIPES[recipe], settings, args, out)
         run_dirs[recipe] = out
         parameters = json.loads((out / "model.json").read_text())["num_parameters"]
-        rows.append((recipe, preset, parameters, seconds / 60, last["test_acc"],
-                     command(preset, args.data, settings, out)))
+        reached = minutes_to_reach(out, TUTORIAL_ACCURACY)
+        rows.append(f"| {recipe} | {RECIPES[recipe].preset} | {parameters:,} | {seconds / 60:.1f} | "
+                    f"{100 * last['test_acc']:.2f}% | {'-' if reached is None else f'{reached:.1f}'} | "
+                    f"`{command(RECIPES[recipe], args.data, settings, out)}` |")
         print(f"{recipe}: test accuracy {100 * last['test_acc']:.2f}% in {seconds / 60:.1f} min", flush=True)
-
-    print("\n| recipe | model | parameters | minutes | test accuracy | command |")
-    print("|---|---|---:|---:|---:|---|")
-    for recipe, preset, parameters, minutes, accuracy, line in rows:
-        print(f"| {recipe} | {preset} | {parameters:,} | {minutes:.1f} | {100 * accuracy:.2f}% | `{line}` |")
-
+        # the table so far, kept with the runs: a long benchmark stopped midway keeps what it measured
+        table = "\n".join([TABLE_HEADER, *rows]) + "\n"
+        (args.out / "table.md").write_text(table)
+    print("\n" + table)
 
 if __name__ == "__main__":
     main()

@@ -39,9 +39,18 @@ def tiny_folder(tmp_path_factory) -> Path:
     return write_folder_dataset(tmp_path_factory.mktemp("tiny") / "data")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """Never touch the user's ~/.cache from tests.
+
+    Session-scoped (autouse fixtures run first in their scope), so module-scoped
+    fixtures that train a run already see it; a function-scoped one came too late for them.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VITCRAFT_CACHE", str(tmp_path_factory.getbasetemp() / "vitcraft-cache"))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_cache(monkeypatch, tmp_path_factory):
+def _seed():
     torch.manual_seed(0)
-    # never touch the user's ~/.cache from tests
-    monkeypatch.setenv("VITCRAFT_CACHE", str(tmp_path_factory.getbasetemp() / "vitcraft-cache"))
-    yield

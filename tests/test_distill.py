@@ -10,7 +10,7 @@ from torch import nn
 from conftest import write_folder_dataset
 from vitcraft import count_parameters, create_model
 from vitcraft.augment import Normalization
-from vitcraft.checkpoint import load_trained_model
+from vitcraft.checkpoint import load_model_weights, load_trained_model, save_model
 from vitcraft.cli import main
 from vitcraft.distill import Teacher, distillation_loss
 from vitcraft.errors import VitcraftError
@@ -112,6 +112,23 @@ def test_cnn_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+
+def test_cnn_runs_channels_last_with_the_same_logits_and_a_loadable_state_dict(tmp_path):
+    model = create_model("cnn-small", width=8).eval()
+    conv = model.stem[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    # the same weights in the default NCHW layout, run by plain modules: the reference
+    reference = create_model("cnn-small", width=8).eval().to(memory_format=torch.contiguous_format)
+    reference.load_state_dict(model.state_dict())
+    assert reference.stem[0].weight.is_contiguous()
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(model(x)[0], reference(x)[0], atol=1e-5, rtol=1e-5)
+    # safetensors needs contiguous tensors: saving and loading a channels-last model round trips
+    save_model(tmp_path, model, {})
+    loaded = create_model("cnn-small", width=8).eval()
+    load_model_weights(tmp_path, loaded)
+    torch.testing.assert_close(loaded(x)[0], model(x)[0])
+
 class Echo(nn.Module):
     """A stand-in teacher whose logits are its input's first pixel, to see what it receives."""
 
@@ -126,6 +143,32 @@ def test_teacher_sees_its_own_normalisation_and_size():
     got = teacher.logits(student_norm(pixels))
     expected = teacher_norm(F.interpolate(pixels, size=(4, 4), mode="bilinear", antialias=True))[:, :, 0, 0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+class DtypeProbe(nn.Module):
+    """A stand-in teacher that records the dtype its linear layer computes in."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.seen = nn.Linear(3, 2), []
+
+    def forward(self, x):
+        out = self.linear(x.mean(dim=(-2, -1)))
+        self.seen.append(out.dtype)
+        return out, None
+
+
+def test_teacher_runs_in_its_own_precision_whatever_the_students():
+    norm = Normalization((0.5,) * 3, (0.5,) * 3)
+    x = torch.randn(2, 3, 8, 8)
+    fp32_teacher = Teacher(DtypeProbe(), norm, norm, image_size=8)
+    bf16_teacher = Teacher(DtypeProbe(), norm, norm, image_size=8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 student
+        assert fp32_teacher.logits(x).dtype == torch.float32
+        bf16_teacher.logits(x)
+    bf16_teacher.logits(x)  # an fp32 student
+    assert fp32_teacher.model.seen == [torch.float32]
+    assert bf16_teacher.model.seen == [torch.bfloat16, torch.bfloat16]
 
 
 @pytest.fixture(scope="module")

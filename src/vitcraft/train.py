@@ -442,6 +442,7 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
     distiller = None
     if cfg.teacher:  # loaded before the student is seeded, and checked before anything is trained
         teacher = load_teacher(cfg.teacher, train_set.class_names, train_set.num_channels, normalization, device)
+        teacher.dtype = autocast_dtype(device, load_run_config(cfg.teacher).train.precision)  # its own precision
         distiller = Distiller(teacher, cfg.distillation, cfg.distill_alpha, cfg.distill_tau, cfg.label_smoothing)
 
     model_config = resolve_model_config(run, train_set)

