@@ -8,9 +8,11 @@ one evaluation, not counted) measures the seconds per step (at every image
 size, for progressive resizing; with the teacher's forward, for distillation)
 and per evaluation, and the real run gets as many steps as fit, with the
 learning-rate schedule ending there. The table gives the minutes it really
-took, its test accuracy and the ``vitcraft train`` command that repeats it.
+took, its test accuracy, the minutes until it first reached the tutorial's
+15-epoch accuracy and the ``vitcraft train`` command that repeats it.
 A distillation recipe trains its teacher recipe first (its own row, its own
-budget). The runs are kept in ``--out``.
+budget), or takes the teacher's finished run from ``--teachers-from``. The
+runs, and the table so far after each one (table.md), are kept in ``--out``.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ RECIPES: dict[str, Recipe] = {
     "deit-fast": Recipe("deit-seed-tiny", {**FAST_VIT, "distillation": "hard"}, "cnn-32", model=NO_DROPOUT),
 }
 TUTORIAL_ACCURACY = 0.5488  # the tutorial pipeline's test accuracy after its 15 epochs (benchmarks/epoch.py)
-TABLE_HEADER = (f"| recipe | model | parameters | minutes | test accuracy | minutes to {100 * TUTORIAL_ACCURACY:.1f}% "
-                f"| command |\n|---|---|---:|---:|---:|---:|---|")
+TABLE_HEADER = (f"| recipe | model | parameters | epochs | minutes | test accuracy | "
+                f"minutes to {100 * TUTORIAL_ACCURACY:.1f}% | command |\n|---|---|---:|---:|---:|---:|---:|---|")
 CLI_FLAGS = {"learning_rate": "--lr", "num_threads": "--threads"}  # train settings whose flag is not --their-name
 
 
@@ -160,8 +162,10 @@ def main() -> None:
     order = []  # teachers (not yet trained) before their students
     for recipe in args.recipes:
         teacher = RECIPES[recipe].teacher
-        order += [name for name in (teacher, recipe)
-                  if name is not None and name not in order and (name == recipe or name not in run_dirs)]
+        if teacher is not None and teacher not in run_dirs and teacher not in order:
+            order.append(teacher)
+        if recipe not in order:
+            order.append(recipe)
     rows = []
     for recipe in order:
         teacher_dir = run_dirs.get(RECIPES[recipe].teacher)
@@ -175,7 +179,8 @@ def main() -> None:
         run_dirs[recipe] = out
         parameters = json.loads((out / "model.json").read_text())["num_parameters"]
         reached = minutes_to_reach(out, TUTORIAL_ACCURACY)
-        rows.append(f"| {recipe} | {RECIPES[recipe].preset} | {parameters:,} | {seconds / 60:.1f} | "
+        rows.append(f"| {recipe} | {RECIPES[recipe].preset} | {parameters:,} | {steps / steps_per_epoch:.1f} | "
+                    f"{seconds / 60:.1f} | "
                     f"{100 * last['test_acc']:.2f}% | {'-' if reached is None else f'{reached:.1f}'} | "
                     f"`{command(RECIPES[recipe], args.data, settings, out)}` |")
         print(f"{recipe}: test accuracy {100 * last['test_acc']:.2f}% in {seconds / 60:.1f} min", flush=True)
@@ -183,6 +188,7 @@ def main() -> None:
         table = "\n".join([TABLE_HEADER, *rows]) + "\n"
         (args.out / "table.md").write_text(table)
     print("\n" + table)
+
 
 if __name__ == "__main__":
     main()
