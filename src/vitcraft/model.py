@@ -12,8 +12,6 @@ Every module returns what the tutorial's does, including the
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
 import torch
@@ -21,72 +19,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vitcraft import cpu_kernels
 from vitcraft.config import ViTConfig
 from vitcraft.resize import resample_position_embeddings
 
 
-def _new_random_workers() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="vitcraft-dropout")
-
-
-_RANDOM_WORKERS = _new_random_workers()
-
-
-def _replace_random_workers_after_fork() -> None:
-    # a forked child inherits the pool but not its threads: work sent to it would never run
-    global _RANDOM_WORKERS
-    _RANDOM_WORKERS = _new_random_workers()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_replace_random_workers_after_fork)
-_PARALLEL_RANDOM_MIN_WORDS = 1 << 16
-
-
-def random_int16(shape: torch.Size) -> torch.Tensor:
-    """Uniform random int16 values of ``shape``, drawn from the global torch RNG's seed.
-
-    PyTorch's CPU generator (a Mersenne twister) runs on one core. Large draws
-    are split in two halves, each filled by its own generator in its own thread
-    (torch releases the GIL), seeded from the global generator so that
-    ``torch.manual_seed`` still makes runs repeatable. One 64-bit draw gives
-    four 16-bit values.
-    """
-    numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64)
-    if words.numel() < _PARALLEL_RANDOM_MIN_WORDS:
-        words.random_(-2**63, 2**63 - 1)
-    else:
-        seeds = torch.randint(0, 2**62, (2,)).tolist()
-
-        def fill(part: torch.Tensor, seed: int) -> None:
-            part.random_(-2**63, 2**63 - 1, generator=torch.Generator().manual_seed(seed))
-
-        for future in [_RANDOM_WORKERS.submit(fill, part, seed) for part, seed in zip(words.chunk(2), seeds)]:
-            future.result()
-    return words.view(torch.int16)[:numel].view(shape)
-
-
 class Dropout(nn.Dropout):
-    """nn.Dropout with a cheaper random mask on the CPU; identical elsewhere.
+    """nn.Dropout with a fused kernel on the CPU (``cpu_kernels.dropout``); identical elsewhere.
 
-    PyTorch's CPU dropout draws one Bernoulli sample per element on one core,
-    which took about a third of the seed model's training step. Here each
-    element gets a 16-bit uniform (``random_int16``) compared with
-    round(p * 2**16): the drop probability is p to within 2**-17 and kept
-    values are scaled by 1 / (1 - that probability), so the output is unbiased
-    as with nn.Dropout. Shape preserving.
+    PyTorch's CPU dropout draws one Bernoulli sample per element on one core
+    and stores the mask for the backward pass, which took about a third of the
+    seed model's training step. The fused kernel hashes (seed, position) into
+    a keep/drop decision in the same pass that scales the kept values by
+    1 / (1 - p), on all threads, and regenerates the mask backwards.
+    Shape preserving.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or input.device.type != "cpu":
-            return super().forward(input)
-        num_drop = round(self.p * 65536)
-        # 1.0 where kept, 0.0 where dropped; comparing straight into a float tensor
-        # is several times faster than building a bool mask and converting it
-        mask = torch.empty(input.shape, dtype=input.dtype)
-        torch.ge(random_int16(input.shape), num_drop - 32768, out=mask)
-        return input * mask.mul_(65536 / (65536 - num_drop))
+        if self.training and self.p > 0 and cpu_kernels.supports_dropout(input):
+            return cpu_kernels.dropout(input, self.p)
+        return super().forward(input)
 
 
 def as_config(config: ViTConfig | Mapping[str, Any]) -> ViTConfig:
@@ -269,29 +221,37 @@ class FasterMultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, output_attentions: bool = False, num_queries: int | None = None,
                 attention_bias: torch.Tensor | None = None):
         batch_size, num_tokens, hidden_size = x.shape
+        num_queries = num_queries or num_tokens
         qkv = self.qkv_projection(x)  # (B, N, 3 * hidden)
         qkv = qkv.view(batch_size, num_tokens, 3, self.num_attention_heads, self.attention_head_size)
-        # (3, B, heads, N, head_size); one copy here spares the matmuls below a copy each
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
-        query = query[:, :, :num_queries]  # (B, heads, Q, head_size)
-        attention_probs = None
         dropout_p = self.attn_dropout.p if self.training else 0.0
-        # On the CPU, SDPA with dropout falls back to an unfused path that is slower
-        # than the explicit one below with our cheaper Dropout.
-        if self.use_sdpa and not output_attentions and (dropout_p == 0 or x.device.type != "cpu"):
-            if attention_bias is not None:  # SDPA wants the mask in q's dtype (bf16 under autocast)
-                attention_bias = attention_bias.to(query.dtype)
-            attention_output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
-                                                              dropout_p=dropout_p)
+        fast = self.use_sdpa and not output_attentions
+        attention_probs = None
+        if fast and attention_bias is None and cpu_kernels.supports_float32(qkv):
+            # On the CPU, SDPA with dropout falls back to an unfused path (separate
+            # passes for scores, softmax, mask and product), and without dropout needs
+            # q, k, v transposed; the fused kernel is faster either way.
+            # (B, Q, heads, head_size) -> (B, Q, hidden)
+            attention_output = cpu_kernels.attention(qkv, num_queries, dropout_p).view(batch_size, num_queries,
+                                                                                        hidden_size)
         else:
-            # scaling q (N x head_size) is cheaper than scaling the scores (N x N)
-            scores = (query * self.attention_head_size ** -0.5) @ key.transpose(-1, -2)
-            if attention_bias is not None:
-                scores = scores + attention_bias
-            attention_probs = scores.softmax(dim=-1)  # (B, heads, N, N)
-            attention_output = self.attn_dropout(attention_probs) @ value
-        # (B, heads, Q, head_size) -> (B, Q, hidden)
-        attention_output = attention_output.transpose(1, 2).reshape(batch_size, query.shape[2], hidden_size)
+            # (3, B, heads, N, head_size); one copy here spares the matmuls below a copy each
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+            query = query[:, :, :num_queries]  # (B, heads, Q, head_size)
+            if fast and (dropout_p == 0 or x.device.type != "cpu"):
+                if attention_bias is not None:  # SDPA wants the mask in q's dtype (bf16 under autocast)
+                    attention_bias = attention_bias.to(query.dtype)
+                attention_output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
+                                                                  dropout_p=dropout_p)
+            else:
+                # scaling q (N x head_size) is cheaper than scaling the scores (N x N)
+                scores = (query * self.attention_head_size ** -0.5) @ key.transpose(-1, -2)
+                if attention_bias is not None:
+                    scores = scores + attention_bias
+                attention_probs = scores.softmax(dim=-1)  # (B, heads, Q, N)
+                attention_output = self.attn_dropout(attention_probs) @ value
+            # (B, heads, Q, head_size) -> (B, Q, hidden)
+            attention_output = attention_output.transpose(1, 2).reshape(batch_size, num_queries, hidden_size)
         attention_output = self.output_dropout(self.output_projection(attention_output))
         return attention_output, (attention_probs if output_attentions else None)
 
@@ -312,11 +272,14 @@ class NewGELUActivation(nn.Module):
     """GELU in its tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
     The seed's activation (as in GPT-2/BERT code). PyTorch's
-    ``gelu(approximate="tanh")`` computes the same formula in one fused kernel.
+    ``gelu(approximate="tanh")`` computes the same formula in one kernel;
+    vitcraft's CPU kernel (``cpu_kernels.gelu_tanh``) is faster for float32.
     Shape preserving.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.supports_float32(input):
+            return cpu_kernels.gelu_tanh(input)
         return F.gelu(input, approximate="tanh")
 
 

@@ -31,7 +31,8 @@ from vitcraft.augment import BatchAugment, Normalization
 from vitcraft.augment_extra import ExtraAugment
 from vitcraft.config import check_keys, check_types, short_repr
 from vitcraft.data import ImageTensorDataset, epoch_indices, iterate_batches, load_splits
-from vitcraft.device import autocast, autocast_dtype, available_cpus, distributed_backend, grad_scaler, pick_device
+from vitcraft.device import (autocast, autocast_dtype, available_cpus, distributed_backend, grad_scaler,
+                             keep_freed_memory, pick_device)
 from vitcraft.distill import DISTILLATIONS, Distiller, load_teacher
 from vitcraft.errors import VitcraftError
 from vitcraft.io import atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries
@@ -67,7 +68,7 @@ class TrainConfig:
     precision: str = "auto"  # auto, fp32, bf16, fp16 (see device.autocast_dtype)
     grad_checkpointing: bool = False  # recompute blocks in backward to save memory
     device: str = "auto"  # auto: cuda, then mps, then cpu
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 500  # small enough for malloc to reuse its activations (device.keep_freed_memory)
     flip_p: float = 0.5  # random horizontal flip probability; 0: off
     crop_scale: list[float] | None = field(default_factory=lambda: [0.8, 1.0])  # RandomResizedCrop area; None: off
     num_threads: int | None = None  # CPU threads; None: all available cores (split across local ranks)
@@ -344,6 +345,7 @@ def _setup_distributed(train: TrainConfig) -> tuple[Distributed, torch.device]:
                                 f"{ddp.world_size} ranks")
     if device.type == "cpu":
         torch.set_num_threads(train.num_threads or max(1, available_cpus() // ddp.local_world_size))
+        keep_freed_memory()
     return ddp, device
 
 

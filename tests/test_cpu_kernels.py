@@ -1,0 +1,169 @@
+"""The fused CPU kernels (vitcraft/cpu_kernels.c) against PyTorch's own operations."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitcraft import ViTConfig, ViTForClassification, cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler for the CPU kernels")
+
+
+def reference_attention(qkv, num_queries, keep_scale=None):
+    """Softmax attention from (B, N, 3, heads, d) to (B, Q, heads, d), times a fixed dropout mask if given."""
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    probs = torch.softmax(query[:, :, :num_queries] @ key.transpose(-1, -2) / query.shape[-1] ** 0.5, dim=-1)
+    if keep_scale is not None:
+        probs = probs * keep_scale
+    return (probs @ value).transpose(1, 2)
+
+
+def revealed_mask(batch, tokens, heads, num_queries, p, seed):
+    """The kernel's dropout mask (B, heads, Q, N), read off by attending to identity values."""
+    qkv = torch.randn(batch, tokens, 3, heads, tokens)
+    qkv[:, :, 2] = torch.eye(tokens)[:, None, :]  # value of token j = e_j, so output row i = dropped probs row i
+    torch.manual_seed(seed)
+    out = cpu_kernels.attention(qkv, num_queries, p)  # (B, Q, heads, N)
+    probs = reference_attention(qkv, num_queries)  # without dropout, same identity values
+    return (out != 0).transpose(1, 2).float() / (1 - p), out, probs
+
+
+@pytest.mark.parametrize("batch,tokens,heads,head_size,num_queries", [
+    (3, 65, 4, 12, 65), (2, 65, 4, 12, 1), (2, 17, 3, 20, 2), (1, 7, 2, 5, 7), (2, 40, 1, 64, 40)])
+def test_attention_without_dropout_matches_softmax_attention(batch, tokens, heads, head_size, num_queries):
+    qkv = torch.randn(batch, tokens, 3, heads, head_size, requires_grad=True)
+    out = cpu_kernels.attention(qkv, num_queries, 0.0)
+    expected = reference_attention(qkv, num_queries)
+    assert out.shape == (batch, num_queries, heads, head_size)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, grad)
+    (want,) = torch.autograd.grad(expected, qkv, grad)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if num_queries < tokens:  # queries that are not asked for get no gradient
+        assert got[:, num_queries:, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("num_queries", [20, 1])
+def test_attention_dropout_is_a_fixed_mask_applied_forwards_and_backwards(num_queries):
+    batch, tokens, heads, p = 4, 20, 3, 0.25
+    keep_scale, out, probs = revealed_mask(batch, tokens, heads, num_queries, p, seed=7)
+    # the kept probabilities are scaled by 1 / (1 - p), the others are zero
+    torch.testing.assert_close(out, probs * keep_scale.transpose(1, 2), atol=1e-6, rtol=1e-5)
+    assert 0.6 < keep_scale.gt(0).float().mean() < 0.9
+    # the same seed gives the same mask for any values: forward and gradients against that fixed mask
+    qkv = torch.randn(batch, tokens, 3, heads, tokens, requires_grad=True)
+    torch.manual_seed(7)
+    out = cpu_kernels.attention(qkv, num_queries, p)
+    expected = reference_attention(qkv, num_queries, keep_scale)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, grad)
+    (want,) = torch.autograd.grad(expected, qkv, grad)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_masks_differ_between_calls_and_repeat_under_a_seed():
+    first, _, _ = revealed_mask(2, 16, 2, 16, 0.5, seed=1)
+    again, _, _ = revealed_mask(2, 16, 2, 16, 0.5, seed=1)
+    other, _, _ = revealed_mask(2, 16, 2, 16, 0.5, seed=2)
+    assert torch.equal(first, again)
+    assert (first != other).float().mean() > 0.3  # independent masks differ in half the places
+
+
+def test_dropout_drops_p_of_the_elements_and_is_unbiased():
+    x = torch.ones(1_000_003)  # not a multiple of the kernel's 1024-element rows
+    y = cpu_kernels.dropout(x, 0.1)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.9))
+    assert abs(y.mean().item() - 1.0) < 0.003
+    # neighbouring elements and rows are not correlated
+    k = kept.float()
+    assert abs(torch.corrcoef(torch.stack([k[:-1], k[1:]]))[0, 1]) < 0.01
+    assert abs(torch.corrcoef(torch.stack([k[:-1024], k[1024:]]))[0, 1]) < 0.01
+
+
+def test_dropout_backward_uses_the_forward_mask():
+    x = torch.randn(37, 1000, requires_grad=True)
+    y = cpu_kernels.dropout(x, 0.3)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    # y = x * mask, so dy/dx = mask = y / x
+    torch.testing.assert_close(grad, (y / x).detach(), atol=1e-5, rtol=1e-5)
+    assert grad.unique().tolist() == [0.0, pytest.approx(1 / 0.7)]
+
+
+def test_bfloat16_dropout_uses_the_same_mask_as_float32():
+    x = torch.randn(5000)
+    torch.manual_seed(3)
+    full = cpu_kernels.dropout(x, 0.2)
+    torch.manual_seed(3)
+    half = cpu_kernels.dropout(x.bfloat16(), 0.2)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half != 0, full != 0)
+    torch.testing.assert_close(half.float(), full, atol=0, rtol=1e-2)
+
+
+def test_gelu_matches_pytorchs_tanh_gelu():
+    x = torch.cat([torch.randn(10_007) * 4, torch.tensor([0.0, -0.0, 1e-8, -30.0, 30.0, 100.0, -100.0])])
+    x.requires_grad_(True)
+    y = cpu_kernels.gelu_tanh(x)
+    expected = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-5)
+    grad = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])  # [CLS] pooling: the last block has one query
+def test_training_model_through_the_kernels_matches_the_per_head_model(pooling):
+    # a drop rate so small that nothing is dropped: the train-mode model then runs
+    # the fused kernels yet must compute what the readable per-head model computes
+    tiny_p = 1e-9
+    config = ViTConfig(hidden_dropout_prob=tiny_p, attention_probs_dropout_prob=tiny_p, pooling=pooling)
+    fast = ViTForClassification(config).train()
+    readable = ViTForClassification(config.replace(attention_backend="per_head")).eval()
+    readable.load_state_dict(fast.state_dict())
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    got, want = fast(x)[0], readable(x)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # gradients through every block, back to the pixels and the first layer
+    (got_x,) = torch.autograd.grad(got.square().sum(), x)
+    (want_x,) = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(got_x, want_x, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_checkpointing_replays_the_same_dropout_masks():
+    torch.manual_seed(0)
+    model = ViTForClassification(ViTConfig(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)).train()
+    x = torch.randn(3, 3, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(x)[0].sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_without_a_compiler_the_model_falls_back_to_pytorch(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("VITCRAFT_CACHE", str(tmp_path))
+    cpu_kernels.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not build the fused CPU kernels"):
+            assert not cpu_kernels.available()
+        model = ViTForClassification(ViTConfig()).train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss = model(torch.randn(2, 3, 32, 32))[0].sum()
+        loss.backward()
+        assert model.classifier.weight.grad is not None
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.library.cache_clear()
+    assert cpu_kernels.available()
