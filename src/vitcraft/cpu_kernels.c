@@ -258,47 +258,61 @@ static void pad_by_dim(vf *dst, const float *src, int64_t n, int64_t d, int64_t 
         for (int64_t c = 0; c < d; c++) out[c * nv * W + j] = src[j * stride + c];
 }
 
-/* row[b] = sum_c x[c] * by_dim[c][b]: a row of x M^T, one vector of tokens at a time */
-static void row_times(vf *row, const float *x, const vf *by_dim, int64_t d, int64_t nv) {
-    int64_t b = 0;
-    /* four vectors of tokens at once: four independent sums keep the
-     * multiply-add units busy instead of each waiting for the last */
-    for (; b + 4 <= nv; b += 4) {
-        vf acc[4] = {{0}, {0}, {0}, {0}};
-        for (int64_t c = 0; c < d; c++)
-            for (int u = 0; u < 4; u++) acc[u] += x[c] * by_dim[c * nv + b + u];
-        for (int u = 0; u < 4; u++) row[b + u] = acc[u];
-    }
-    for (; b < nv; b++) {
-        vf acc[2] = {{0}, {0}};
-        int64_t c = 0;
-        for (; c + 2 <= d; c += 2)
-            for (int u = 0; u < 2; u++) acc[u] += x[c + u] * by_dim[(c + u) * nv + b];
-        if (c < d) acc[0] += x[c] * by_dim[c * nv + b];
-        row[b] = acc[0] + acc[1];
+/* Queries are handled ROWS at a time: each vector of k or v loaded from the
+ * cache then serves four rows, and four independent sums keep the
+ * multiply-add units busy instead of each waiting for the one before. Row r
+ * of a block is at [r * row_vectors] in the buffers below. */
+#define ROWS 4
+
+/* out[r][b] = sum_c x[r][c] * by_dim[c][b]: rows of x M^T, one vector of tokens at a time */
+static inline void rows_times(vf *out, const vf *x, int64_t dv, const vf *by_dim, int64_t d, int64_t nv) {
+    const float *xf = (const float *)x;
+    for (int64_t b = 0; b < nv; b++) {
+        vf acc[ROWS] = {{0}};
+        for (int64_t c = 0; c < d; c++) {
+            vf column = by_dim[c * nv + b];
+            for (int r = 0; r < ROWS; r++) acc[r] += xf[r * dv * W + c] * column;
+        }
+        for (int r = 0; r < ROWS; r++) out[r * nv + b] = acc[r];
     }
 }
 
-/* out[e] = sum_j weights[j] * by_token[j][e], for j < n */
-static void weighted_rows(vf *out, const float *weights, const vf *by_token, int64_t n, int64_t dv) {
+/* out[r][e] = sum_j weights[r][j] * by_token[j][e], for j < n */
+static inline void rows_weighted(vf *out, const vf *weights, int64_t nv, const vf *by_token, int64_t n, int64_t dv) {
+    const float *w = (const float *)weights;
     for (int64_t e = 0; e < dv; e++) {
-        /* four running sums in registers: one sum in memory would make every
-         * step wait for the previous one's store */
-        vf acc[4] = {{0}, {0}, {0}, {0}};
+        vf acc[2][ROWS] = {{{0}}};  /* two sums per row: even and odd tokens */
         int64_t j = 0;
-        for (; j + 4 <= n; j += 4)
-            for (int u = 0; u < 4; u++) acc[u] += weights[j + u] * by_token[(j + u) * dv + e];
-        for (; j < n; j++) acc[0] += weights[j] * by_token[j * dv + e];
-        out[e] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        for (; j + 2 <= n; j += 2)
+            for (int u = 0; u < 2; u++) {
+                vf token = by_token[(j + u) * dv + e];
+                for (int r = 0; r < ROWS; r++) acc[u][r] += w[r * nv * W + j + u] * token;
+            }
+        for (; j < n; j++)
+            for (int r = 0; r < ROWS; r++) acc[0][r] += w[r * nv * W + j] * by_token[j * dv + e];
+        for (int r = 0; r < ROWS; r++) out[r * dv + e] = acc[0][r] + acc[1][r];
     }
 }
 
-/* by_token[j] += weights[j] * x, for j < n */
-static void add_outer(vf *by_token, const float *weights, const vf *x, int64_t n, int64_t dv) {
+/* by_token[j][e] += sum_r weights[r][j] * x[r][e], for j < n */
+static inline void rows_add_outer(vf *by_token, const vf *weights, int64_t nv, const vf *x, int64_t n, int64_t dv) {
+    const float *w = (const float *)weights;
     for (int64_t e = 0; e < dv; e++) {
-        vf xe = x[e];  /* held in a register through the loop over tokens */
-        for (int64_t j = 0; j < n; j++) by_token[j * dv + e] += weights[j] * xe;
+        vf xr[ROWS];
+        for (int r = 0; r < ROWS; r++) xr[r] = x[r * dv + e];
+        for (int64_t j = 0; j < n; j++) {
+            vf sum = by_token[j * dv + e];
+            for (int r = 0; r < ROWS; r++) sum += w[r * nv * W + j] * xr[r];
+            by_token[j * dv + e] = sum;
+        }
     }
+}
+
+/* Rows i0 .. i0 + ROWS - 1 of a (tokens x d) matrix, `stride` floats apart, into
+ * dst (ROWS x dv vectors); rows from `rows` on (past the last query) are zero. */
+static void load_rows(vf *dst, const float *src, int rows, int64_t stride, int64_t d, int64_t dv) {
+    memset(dst, 0, sizeof(vf) * (size_t)(ROWS * dv));
+    for (int r = 0; r < rows; r++) memcpy(dst + r * dv, src + r * stride, sizeof(float) * (size_t)d);
 }
 
 /* Attention for (batch, head) pairs [start, end) (pair = batch * heads + head),
@@ -316,44 +330,53 @@ static inline __attribute__((always_inline)) int attention_forward_range(
     int64_t d, int64_t dv, float qk_scale, uint64_t seed, uint32_t threshold, float drop_scale) {
     int64_t nv = (n + W - 1) / W, stride = 3 * heads * d;
     void *raw;
-    vf *kt = vectors((size_t)(d * nv + n * dv + 3 * nv + dv), &raw);
+    vf *kt = vectors((size_t)(d * nv + n * dv + (2 * ROWS + 1) * nv + 2 * ROWS * dv), &raw);
     if (!kt) return -1;
-    vf *vr = kt + d * nv, *scores = vr + n * dv, *mask = scores + nv, *padding = mask + nv, *o = padding + nv;
+    vf *vr = kt + d * nv, *scores = vr + n * dv, *dropped = scores + ROWS * nv, *padding = dropped + ROWS * nv;
+    vf *qs = padding + nv, *o = qs + ROWS * dv;
     for (int64_t b = 0; b < nv; b++)  /* -1e30 on the padding lanes keeps them out of the max */
         padding[b] = select_vf((vu)(LANE + (uint32_t)(b * W) >= (uint32_t)n), (vf){0} - 1e30f, (vf){0});
     for (int64_t pair = start; pair < end; pair++) {
         const float *q = qkv + (pair / heads) * n * stride + (pair % heads) * d;
         pad_by_dim(kt, q + heads * d, n, d, stride, nv);
         pad_by_token(vr, q + 2 * heads * d, n, d, stride, dv);
-        for (int64_t i = 0; i < nq; i++) {
-            int64_t row = pair * nq + i;
-            float qi[d];
-            for (int64_t c = 0; c < d; c++) qi[c] = q[i * stride + c] * qk_scale;
-            row_times(scores, qi, kt, d, nv);
-            vf max_v = scores[0] + padding[0];
-            for (int64_t b = 1; b < nv; b++) {
-                vf candidate = scores[b] + padding[b];
-                max_v = select_vf((vu)(candidate > max_v), candidate, max_v);
+        for (int64_t i0 = 0; i0 < nq; i0 += ROWS) {
+            int rows = nq - i0 < ROWS ? (int)(nq - i0) : ROWS;
+            load_rows(qs, q + i0 * stride, rows, stride, d, dv);
+            for (int64_t e = 0; e < ROWS * dv; e++) qs[e] *= qk_scale;
+            rows_times(scores, qs, dv, kt, d, nv);
+            for (int r = 0; r < ROWS; r++) {
+                vf *s = scores + r * nv, *p = dropped + r * nv;
+                int64_t row = pair * nq + i0 + r;
+                if (r >= rows) {  /* past the last query: weight nothing */
+                    memset(p, 0, sizeof(vf) * (size_t)nv);
+                    continue;
+                }
+                vf max_v = s[0] + padding[0];
+                for (int64_t b = 1; b < nv; b++) {
+                    vf candidate = s[b] + padding[b];
+                    max_v = select_vf((vu)(candidate > max_v), candidate, max_v);
+                }
+                float max = hmax(max_v);
+                vf sum_v = {0};
+                for (int64_t b = 0; b < nv; b++) {
+                    s[b] = select_vf((vu)(padding[b] < 0.0f), (vf){0}, exp_nonpositive(s[b] - max));
+                    sum_v += s[b];
+                }
+                float inv_sum = 1.0f / hsum(sum_v);
+                for (int64_t b = 0; b < nv; b++) s[b] *= inv_sum;
+                if (probs) memcpy(probs + row * n, s, sizeof(float) * (size_t)n);
+                if (threshold) {
+                    mask_row(p, nv, seed, (uint64_t)row, threshold, drop_scale);
+                    for (int64_t b = 0; b < nv; b++) p[b] *= s[b];  /* the probabilities after dropout */
+                } else {
+                    memcpy(p, s, sizeof(vf) * (size_t)nv);
+                }
             }
-            float max = hmax(max_v);
-            vf sum_v = {0};
-            for (int64_t b = 0; b < nv; b++) {
-                scores[b] = select_vf((vu)(padding[b] < 0.0f), (vf){0}, exp_nonpositive(scores[b] - max));
-                sum_v += scores[b];
-            }
-            float inv_sum = 1.0f / hsum(sum_v);
-            if (threshold) {
-                mask_row(mask, nv, seed, (uint64_t)row, threshold, drop_scale);
-                for (int64_t b = 0; b < nv; b++) mask[b] *= scores[b] * inv_sum;  /* probabilities after dropout */
-            } else {
-                for (int64_t b = 0; b < nv; b++) mask[b] = scores[b] * inv_sum;
-            }
-            if (probs) {
-                for (int64_t b = 0; b < nv; b++) scores[b] *= inv_sum;
-                memcpy(probs + row * n, scores, sizeof(float) * (size_t)n);
-            }
-            weighted_rows(o, (const float *)mask, vr, n, dv);
-            memcpy(out + ((pair / heads) * nq + i) * heads * d + (pair % heads) * d, o, sizeof(float) * (size_t)d);
+            rows_weighted(o, dropped, nv, vr, n, dv);
+            for (int r = 0; r < rows; r++)
+                memcpy(out + ((pair / heads) * nq + i0 + r) * heads * d + (pair % heads) * d, o + r * dv,
+                       sizeof(float) * (size_t)d);
         }
     }
     free(raw);
@@ -367,16 +390,15 @@ static inline __attribute__((always_inline)) int attention_backward_range(
     const float *qkv, const float *probs, const float *dout, float *dqkv, int64_t start, int64_t end, int64_t heads,
     int64_t nq, int64_t n, int64_t d, int64_t dv, float qk_scale, uint64_t seed, uint32_t threshold,
     float drop_scale) {
-    int64_t nv = (n + W - 1) / W, stride = 3 * heads * d;
+    int64_t nv = (n + W - 1) / W, stride = 3 * heads * d, out_stride = heads * d;
     void *raw;
-    vf *vt = vectors((size_t)(d * nv + 3 * n * dv + 4 * nv + 3 * dv), &raw);
+    vf *vt = vectors((size_t)(d * nv + 3 * n * dv + 4 * ROWS * nv + 3 * ROWS * dv), &raw);
     if (!vt) return -1;
     vf *kr = vt + d * nv, *dkr = kr + n * dv, *dvr = dkr + n * dv;
-    vf *p = dvr + n * dv, *mask = p + nv, *dp = mask + nv, *ds = dp + nv;
-    vf *qi = ds + nv, *doi = qi + dv, *dqi = doi + dv;
+    vf *p = dvr + n * dv, *mask = p + ROWS * nv, *dp = mask + ROWS * nv, *ds = dp + ROWS * nv;
+    vf *qi = ds + ROWS * nv, *doi = qi + ROWS * dv, *dqi = doi + ROWS * dv;
     if (!threshold)  /* no dropout: every element kept, unscaled */
-        for (int64_t b = 0; b < nv; b++) mask[b] = (vf){0} + 1.0f;
-    const float *dsf = (const float *)ds;
+        for (int64_t b = 0; b < ROWS * nv; b++) mask[b] = (vf){0} + 1.0f;
     for (int64_t pair = start; pair < end; pair++) {
         int64_t offset = (pair / heads) * n * stride + (pair % heads) * d;
         const float *q = qkv + offset;
@@ -384,28 +406,36 @@ static inline __attribute__((always_inline)) int attention_backward_range(
         pad_by_dim(vt, q + 2 * heads * d, n, d, stride, nv);
         pad_by_token(kr, q + heads * d, n, d, stride, dv);
         memset(dkr, 0, sizeof(vf) * (size_t)(2 * n * dv));  /* dkr and dvr */
-        for (int64_t i = 0; i < nq; i++) {
-            int64_t row = pair * nq + i;
-            memcpy(p, probs + row * n, sizeof(float) * (size_t)n);  /* padding lanes stay 0 */
-            memcpy(qi, q + i * stride, sizeof(float) * (size_t)d);
-            memcpy(doi, dout + ((pair / heads) * nq + i) * heads * d + (pair % heads) * d, sizeof(float) * (size_t)d);
-            if (threshold) mask_row(mask, nv, seed, (uint64_t)row, threshold, drop_scale);
-            /* through the product with v: dv += (dropped-out probs)^T dout; dp = dout v^T */
-            row_times(dp, (const float *)doi, vt, d, nv);
-            for (int64_t b = 0; b < nv; b++) ds[b] = p[b] * mask[b];
-            add_outer(dvr, dsf, doi, n, dv);
-            /* through dropout and softmax: ds = p * (dp - sum(dp * p)), times the score scale */
-            vf dot_v = {0};
-            for (int64_t b = 0; b < nv; b++) {
-                dp[b] *= mask[b];
-                dot_v += dp[b] * p[b];
+        for (int64_t i0 = 0; i0 < nq; i0 += ROWS) {
+            int rows = nq - i0 < ROWS ? (int)(nq - i0) : ROWS;
+            int64_t row = pair * nq + i0;
+            /* rows past the last query are all zero, so they add nothing below */
+            memset(p, 0, sizeof(vf) * (size_t)(ROWS * nv));
+            for (int r = 0; r < rows; r++) {
+                memcpy(p + r * nv, probs + (row + r) * n, sizeof(float) * (size_t)n);
+                if (threshold) mask_row(mask + r * nv, nv, seed, (uint64_t)(row + r), threshold, drop_scale);
             }
-            float dot = hsum(dot_v);
-            for (int64_t b = 0; b < nv; b++) ds[b] = p[b] * (dp[b] - dot) * qk_scale;
+            load_rows(qi, q + i0 * stride, rows, stride, d, dv);
+            load_rows(doi, dout + ((pair / heads) * nq + i0) * out_stride + (pair % heads) * d, rows, out_stride, d,
+                      dv);
+            /* through the product with v: dv += (dropped-out probs)^T dout; dp = dout v^T */
+            rows_times(dp, doi, dv, vt, d, nv);
+            for (int64_t b = 0; b < ROWS * nv; b++) ds[b] = p[b] * mask[b];
+            rows_add_outer(dvr, ds, nv, doi, n, dv);
+            /* through dropout and softmax: ds = p * (dp - sum(dp * p)), times the score scale */
+            for (int r = 0; r < ROWS; r++) {
+                vf dot_v = {0};
+                for (int64_t b = r * nv; b < (r + 1) * nv; b++) {
+                    dp[b] *= mask[b];
+                    dot_v += dp[b] * p[b];
+                }
+                float dot = hsum(dot_v);
+                for (int64_t b = r * nv; b < (r + 1) * nv; b++) ds[b] = p[b] * (dp[b] - dot) * qk_scale;
+            }
             /* through the scores q k^T: dq = ds k, dk += ds^T q */
-            weighted_rows(dqi, dsf, kr, n, dv);
-            memcpy(dq + i * stride, dqi, sizeof(float) * (size_t)d);
-            add_outer(dkr, dsf, qi, n, dv);
+            rows_weighted(dqi, ds, nv, kr, n, dv);
+            for (int r = 0; r < rows; r++) memcpy(dq + (i0 + r) * stride, dqi + r * dv, sizeof(float) * (size_t)d);
+            rows_add_outer(dkr, ds, nv, qi, n, dv);
         }
         for (int64_t i = nq; i < n; i++) memset(dq + i * stride, 0, sizeof(float) * (size_t)d);
         for (int64_t j = 0; j < n; j++) {
