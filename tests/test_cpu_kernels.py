@@ -1,5 +1,7 @@
 """The fused CPU kernels (vitcraft/cpu_kernels.c) against PyTorch's own operations."""
 
+import ctypes
+import shutil
 import warnings
 
 import pytest
@@ -167,3 +169,30 @@ def test_without_a_compiler_the_model_falls_back_to_pytorch(monkeypatch, tmp_pat
         monkeypatch.undo()
         cpu_kernels.library.cache_clear()
     assert cpu_kernels.available()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs cc")
+def test_a_build_without_openmp_splits_the_work_over_python_threads_with_the_same_results(monkeypatch, tmp_path):
+    # Apple's clang has no OpenMP: the kernels then run single-threaded per call and
+    # Python splits each range over threads; the results must not change
+    target = tmp_path / "plain.so"
+    cpu_kernels._compile(shutil.which("cc"), target, flag_sets=[["-fopenmp-simd"]])
+    plain = ctypes.CDLL(str(target))
+    cpu_kernels._declare(plain)
+    assert plain.kernels_use_openmp() == 0
+
+    def run_all():
+        torch.manual_seed(5)
+        qkv = torch.randn(6, 33, 3, 2, 8, requires_grad=True)
+        x = torch.randn(3000, requires_grad=True)
+        out = cpu_kernels.attention(qkv, 33, 0.2)
+        dropped = cpu_kernels.dropout(x, 0.3)
+        activated = cpu_kernels.gelu_tanh(x)
+        (out.sum() + dropped.sum() + activated.square().sum()).backward()
+        return [out, dropped, activated, qkv.grad, x.grad]
+
+    with_openmp = run_all()
+    monkeypatch.setattr(cpu_kernels, "library", lambda: plain)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # ranges split unevenly
+    for a, b in zip(with_openmp, run_all()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

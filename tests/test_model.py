@@ -211,8 +211,8 @@ def test_config_round_trip_and_presets():
 
 
 def test_dropout_works_in_a_forked_child():
-    # the parent's dropout thread pool is running; a forked child (a DataLoader worker,
-    # say) must get its own, or work sent to the inherited pool never runs
+    # the parent's kernel threads (OpenMP, or the Python pool without it) are running;
+    # a forked child (a DataLoader worker, say) must still get its dropout done
     import multiprocessing
 
     from vitcraft.model import Dropout

@@ -1,4 +1,4 @@
-/* Fused CPU kernels for the training step: dropout, and attention with dropout.
+/* Fused CPU kernels for the training step: dropout, the tanh GELU, and attention with dropout.
  *
  * Why: with 65 tokens and 12-wide heads the seed model's attention is a swarm
  * of tiny matrix products, and PyTorch runs it as separate passes over the
@@ -129,13 +129,16 @@ static inline float bf16_to_float(uint16_t h) {
 static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as PyTorch does */
     uint32_t bits;
     memcpy(&bits, &f, 4);
+    if ((bits & 0x7FFFFFFFU) > 0x7F800000U) return (uint16_t)((bits >> 16) | 0x40U);  /* NaN stays NaN */
     return (uint16_t)((bits + 0x7FFFU + ((bits >> 16) & 1U)) >> 16);
 }
 
-/* y = x * mask for the flat elements [start, end), start a multiple of
- * DROPOUT_ROW. The backward pass is the same call on the incoming gradient. */
-void dropout_float(const float *x, float *y, int64_t start, int64_t end, uint64_t seed, uint32_t threshold,
-                   float scale, int threads) {
+/* y = x * mask for the flat elements [start, end) of a float32 (bfloat16 = 0)
+ * or bfloat16 tensor, start a multiple of DROPOUT_ROW. The backward pass is the
+ * same call on the incoming gradient. */
+static inline __attribute__((always_inline)) void dropout(const void *x, void *y, int bfloat16, int64_t start,
+                                                          int64_t end, uint64_t seed, uint32_t threshold,
+                                                          float scale, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         vf mask[DROPOUT_ROW / W];
@@ -145,30 +148,32 @@ void dropout_float(const float *x, float *y, int64_t start, int64_t end, uint64_
         for (int64_t begin = first; begin < last; begin += DROPOUT_ROW) {
             int64_t n = last - begin < DROPOUT_ROW ? last - begin : DROPOUT_ROW;
             mask_row(mask, (n + W - 1) / W, seed, (uint64_t)(begin / DROPOUT_ROW), threshold, scale);
+            if (bfloat16) {
+                const uint16_t *in = (const uint16_t *)x + begin;
+                uint16_t *out = (uint16_t *)y + begin;
 #pragma omp simd
-            for (int64_t j = 0; j < n; j++) y[begin + j] = x[begin + j] * m[j];
+                for (int64_t j = 0; j < n; j++) out[j] = float_to_bf16(bf16_to_float(in[j]) * m[j]);
+            } else {
+                const float *in = (const float *)x + begin;
+                float *out = (float *)y + begin;
+#pragma omp simd
+                for (int64_t j = 0; j < n; j++) out[j] = in[j] * m[j];
+            }
         }
     }
+}
+
+void dropout_float(const float *x, float *y, int64_t start, int64_t end, uint64_t seed, uint32_t threshold,
+                   float scale, int threads) {
+    dropout(x, y, 0, start, end, seed, threshold, scale, threads);
 }
 
 void dropout_bfloat16(const uint16_t *x, uint16_t *y, int64_t start, int64_t end, uint64_t seed,
                       uint32_t threshold, float scale, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-        vf mask[DROPOUT_ROW / W];
-        const float *m = (const float *)mask;
-        int64_t first, last;
-        thread_range(start, end, DROPOUT_ROW, &first, &last);
-        for (int64_t begin = first; begin < last; begin += DROPOUT_ROW) {
-            int64_t n = last - begin < DROPOUT_ROW ? last - begin : DROPOUT_ROW;
-            mask_row(mask, (n + W - 1) / W, seed, (uint64_t)(begin / DROPOUT_ROW), threshold, scale);
-#pragma omp simd
-            for (int64_t j = 0; j < n; j++) y[begin + j] = float_to_bf16(bf16_to_float(x[begin + j]) * m[j]);
-        }
-    }
+    dropout(x, y, 1, start, end, seed, threshold, scale, threads);
 }
 
-/* ---- attention ------------------------------------------------------------------ */
+/* ---- e^x, the GELU, attention ----------------------------------------------------- */
 
 /* e^x for x <= 0 (softmax scores minus their maximum), within about 2 ulp:
  * Cephes' polynomial, with 2^n built from the float's bits. */
@@ -189,8 +194,6 @@ static inline vf exp_nonpositive(vf x) {
     vu two_n = ((vu)shifted - 0x4B400000U + 127U) << 23;  /* the bits of 2^n */
     return p * (vf)two_n;
 }
-
-/* ---- GELU, tanh form -------------------------------------------------------------- */
 
 /* count <= W floats; missing lanes 0. The fixed-size copy of a whole vector
  * compiles to one unaligned load or store; the variable one to a call. */
@@ -243,6 +246,8 @@ void gelu_backward(const float *x, const float *dy, float *dx, int64_t start, in
         }
     }
 }
+
+/* ---- attention ------------------------------------------------------------------ */
 
 /* A (batch, head) pair's q, k or v (rows of d floats, `stride` floats apart)
  * copied into zero-padded vector layouts: by_token[j * dv + e] holds row j

@@ -33,6 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
+
+from vitcraft.io import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DROPOUT_ROW = 1024  # as in the C file: mask rows are this long
@@ -56,10 +59,6 @@ if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_replace_workers_after_fork)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("VITCRAFT_CACHE", Path.home() / ".cache" / "vitcraft")) / "kernels"
-
-
 def _processor() -> str:
     """What the compiled code may depend on: -march=native targets this processor."""
     try:
@@ -69,16 +68,18 @@ def _processor() -> str:
         return platform.processor()
 
 
-def _compile(compiler: str, target: Path) -> None:
+# -fopenmp shares torch's OpenMP threads (see the C file); -march=native lets the
+# compiler use every vector unit this processor has. Compilers that refuse either
+# (Apple's clang has no OpenMP) get the plainer builds, tried in this order.
+FLAG_SETS = (["-fopenmp", "-march=native"], ["-fopenmp"], ["-fopenmp-simd", "-march=native"], ["-fopenmp-simd"])
+
+
+def _compile(compiler: str, target: Path, flag_sets=FLAG_SETS) -> None:
     """Build the shared library at ``target`` (atomically: parallel processes may race)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        # -fopenmp shares torch's OpenMP threads (see the C file); -march=native lets the
-        # compiler use every vector unit this processor has. Compilers that refuse
-        # either (Apple's clang has no OpenMP) get the plainer builds.
-        for flags in (["-fopenmp", "-march=native"], ["-fopenmp"], ["-fopenmp-simd", "-march=native"],
-                      ["-fopenmp-simd"]):
+        for flags in flag_sets:
             command = [compiler, "-O3", "-shared", "-fPIC", *flags, str(SOURCE), "-o", str(built)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode == 0:
@@ -114,7 +115,7 @@ def library() -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), platform.machine().encode(),
                                      _processor().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    target = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     try:
         if not target.exists():
             _compile(compiler, target)
@@ -175,12 +176,15 @@ def _dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
 
 
 class _Dropout(torch.autograd.Function):
+    """Dropout whose mask is a hash of (seed, position): the backward pass regenerates it. Shape preserving."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         ctx.seed, ctx.p = _new_seed(), p
         return _dropout_apply(x, ctx.seed, p)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         return _dropout_apply(grad, ctx.seed, ctx.p), None  # the same mask, regenerated
 
@@ -203,6 +207,8 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class _GELU(torch.autograd.Function):
+    """The tanh-form GELU, forwards and backwards in one pass each. Shape preserving."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -212,6 +218,7 @@ class _GELU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         grad = grad.contiguous()
@@ -234,6 +241,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Attention(torch.autograd.Function):
+    """Softmax attention with dropout from the fused projection's layout (see ``attention``).
+
+    In: qkv (B, N, 3, heads, head_size). Out: (B, num_queries, heads, head_size).
+    Keeps the softmax (B, heads, num_queries, N) for the backward pass.
+    """
+
     @staticmethod
     def forward(ctx, qkv, num_queries: int, dropout_p: float):
         batch, num_tokens, _, heads, head_size = qkv.shape
@@ -241,8 +254,8 @@ class _Attention(torch.autograd.Function):
         output = qkv.new_empty(batch, num_queries, heads, head_size)
         # the softmax is kept for the backward pass only when there will be one
         probs = qkv.new_empty(batch, heads, num_queries, num_tokens if ctx.needs_input_grad[0] else 0)
-        settings = (heads, num_queries, num_tokens, head_size, head_size ** -0.5, _new_seed(),
-                    *_drop_threshold(dropout_p))
+        seed = _new_seed() if dropout_p > 0 else 0  # no draw without dropout: eval leaves the RNG alone
+        settings = (heads, num_queries, num_tokens, head_size, head_size ** -0.5, seed, *_drop_threshold(dropout_p))
         _parallel(library().attention_forward, batch * heads,
                   (qkv.data_ptr(), output.data_ptr(), probs.data_ptr() if probs.numel() else None), settings)
         ctx.save_for_backward(qkv, probs)
@@ -250,6 +263,7 @@ class _Attention(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         qkv, probs = ctx.saved_tensors
         grad_output = grad_output.contiguous()

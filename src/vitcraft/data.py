@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from PIL import Image
 
 from vitcraft.errors import VitcraftError
-from vitcraft.io import save_tensors_atomic, load_tensors
+from vitcraft.io import cache_dir as io_cache_dir, load_tensors, save_tensors_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DOWNLOAD_TIMEOUT_SECONDS = 30
@@ -221,10 +220,6 @@ def _load_folder_cached(split_dir: Path, mode: str, image_size: int, cache_dir: 
 
 
 # -------------------------------------------------------------------- public
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VITCRAFT_CACHE", Path.home() / ".cache" / "vitcraft"))
-
-
 def load_splits(data: str, data_root: Path | None = None, image_size: int | None = None,
                 cache_dir: Path | None = None) -> tuple[ImageTensorDataset, ImageTensorDataset]:
     """(train, test) splits of a torchvision dataset name or an ImageFolder-layout folder.
@@ -232,7 +227,7 @@ def load_splits(data: str, data_root: Path | None = None, image_size: int | None
     ``image_size`` resizes every image to that square size (default: the data's own size).
     Folder datasets are decoded once and cached as uint8 in ``cache_dir``.
     """
-    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    cache_dir = io_cache_dir() if cache_dir is None else cache_dir
     name = data.lower()
     if name in TORCHVISION_NAMES and not Path(data).is_dir():
         root = data_root or cache_dir / "datasets"

@@ -29,6 +29,14 @@ os.umask(_UMASK)
 TEMPORARY_NAME = re.compile(r"\.(.+)\.[0-9a-f]{32}\.tmp")  # atomic_write's temporary file for the name in group 1
 
 
+def cache_dir() -> Path:
+    """Where vitcraft keeps files between runs (decoded datasets, compiled CPU kernels).
+
+    ``$VITCRAFT_CACHE`` if set, else ~/.cache/vitcraft.
+    """
+    return Path(os.environ.get("VITCRAFT_CACHE", Path.home() / ".cache" / "vitcraft"))
+
+
 def atomic_write(path: Path | str, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)`` then rename the result over ``path``."""
     path = Path(path)

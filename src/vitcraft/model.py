@@ -36,7 +36,7 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.training and self.p > 0 and cpu_kernels.supports_dropout(input):
+        if self.training and 0 < self.p < 1 and cpu_kernels.supports_dropout(input):
             return cpu_kernels.dropout(input, self.p)
         return super().forward(input)
 
@@ -196,9 +196,10 @@ class FasterMultiHeadAttention(nn.Module):
     """Multi-head attention with one fused Linear producing q, k and v for all heads.
 
     One (hidden -> 3 * hidden) matrix product replaces 3 * heads small ones.
-    With ``use_sdpa`` the attention itself runs in
-    ``F.scaled_dot_product_attention`` (fused kernels), except when the
-    attention probabilities are asked for, which only the explicit softmax has.
+    With ``use_sdpa`` the attention itself runs fused: in vitcraft's CPU kernel
+    for float32 on the CPU (``cpu_kernels.attention``, dropout included), else in
+    ``F.scaled_dot_product_attention``; except when the attention
+    probabilities are asked for, which only the explicit softmax has.
     ``attention_bias``, if given, is added to the scaled scores before the
     softmax (any shape broadcasting to (B, heads, Q, N)): Swin's relative
     position bias and shifted-window mask use it.
