@@ -119,6 +119,53 @@ def test_gelu_matches_pytorchs_tanh_gelu():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_bfloat16_gelu_is_the_float32_kernel_rounded():
+    # under bf16 autocast the kernels read and write bfloat16 but compute in float32
+    x16 = (torch.randn(10_007) * 4).bfloat16().requires_grad_()  # a partial last vector too
+    x32 = x16.detach().float().requires_grad_()
+    y16, y32 = cpu_kernels.gelu_tanh(x16), cpu_kernels.gelu_tanh(x32)
+    assert y16.dtype == torch.bfloat16
+    assert torch.equal(y16, y32.bfloat16())
+    grad = torch.randn_like(y16)
+    assert torch.equal(torch.autograd.grad(y16, x16, grad)[0],
+                       torch.autograd.grad(y32, x32, grad.float())[0].bfloat16())
+
+
+@pytest.mark.parametrize("head_size,num_queries", [(12, 33), (12, 1), (20, 33)])
+def test_bfloat16_attention_is_the_float32_kernel_rounded(head_size, num_queries):
+    qkv16 = torch.randn(3, 33, 3, 2, head_size).bfloat16().requires_grad_()
+    qkv32 = qkv16.detach().float().requires_grad_()
+    outputs = []
+    for qkv in (qkv16, qkv32):
+        torch.manual_seed(4)  # the same dropout mask for both
+        outputs.append(cpu_kernels.attention(qkv, num_queries, 0.2))
+    out16, out32 = outputs
+    assert out16.dtype == torch.bfloat16
+    assert torch.equal(out16, out32.bfloat16())
+    grad = torch.randn_like(out16)
+    (grad16,) = torch.autograd.grad(out16, qkv16, grad)
+    (grad32,) = torch.autograd.grad(out32, qkv32, grad.float())
+    assert grad16.dtype == torch.bfloat16
+    assert torch.equal(grad16, grad32.bfloat16())
+
+
+def test_bf16_autocast_training_runs_the_kernels_close_to_float32(monkeypatch):
+    calls = []
+    for name in ("attention", "gelu_tanh", "dropout"):
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+    config = ViTConfig(hidden_dropout_prob=1e-9, attention_probs_dropout_prob=1e-9)  # on, dropping nothing
+    model = ViTForClassification(config).train()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)[0]
+    assert {"attention", "gelu_tanh", "dropout"} <= set(calls)
+    calls.clear()
+    expected = model(x)[0]
+    assert "attention" in calls  # float32 takes the kernels too
+    torch.testing.assert_close(logits.float(), expected, atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])  # [CLS] pooling: the last block has one query
 def test_training_model_through_the_kernels_matches_the_per_head_model(pooling):
     # a drop rate so small that nothing is dropped: the train-mode model then runs

@@ -8,7 +8,9 @@
  * processor's cache.
  *
  * Dropout masks are not stored: whether element j of row r is kept is a hash
- * of (seed, r, j), so the backward pass regenerates the forward's mask.
+ * of (seed, r, j), so the backward pass regenerates the forward's mask
+ * (attention, which keeps its probabilities anyway, keeps the mask in their
+ * sign bits).
  *
  * vitcraft.cpu_kernels compiles this file with the system C compiler on first
  * use and calls it through ctypes; each call handles a range of elements or of
@@ -59,21 +61,39 @@ static inline vf select_vf(vu condition, vf yes, vf no) {  /* condition lanes ar
     return (vf)(((vu)yes & condition) | ((vu)no & ~condition));
 }
 
-/* Sum and maximum of a vector's lanes, halving the width each step (4 steps, not 15) */
+/* Sum and maximum of a vector's lanes: add (or compare) its two halves, then
+ * the halves of that, ...; half vectors are what the processor's "extract the
+ * upper half" instructions give, so this compiles to a few of those. */
+typedef float vf8 __attribute__((vector_size(4 * W / 2)));
+typedef float vf4 __attribute__((vector_size(4 * W / 4)));
+typedef uint32_t vu8 __attribute__((vector_size(4 * W / 2)));
+typedef uint32_t vu4 __attribute__((vector_size(4 * W / 4)));
+
 static inline float hsum(vf x) {
-    float lane[W];
-    memcpy(lane, &x, sizeof x);
-    for (int width = W / 2; width > 0; width /= 2)
-        for (int i = 0; i < width; i++) lane[i] += lane[i + width];
-    return lane[0];
+    vf8 a, b;
+    vf4 c, d;
+    memcpy(&a, &x, sizeof a);
+    memcpy(&b, (char *)&x + sizeof a, sizeof b);
+    a += b;
+    memcpy(&c, &a, sizeof c);
+    memcpy(&d, (char *)&a + sizeof c, sizeof d);
+    c += d;
+    return (c[0] + c[1]) + (c[2] + c[3]);
 }
 
 static inline float hmax(vf x) {
-    float lane[W];
-    memcpy(lane, &x, sizeof x);
-    for (int width = W / 2; width > 0; width /= 2)
-        for (int i = 0; i < width; i++) lane[i] = lane[i + width] > lane[i] ? lane[i + width] : lane[i];
-    return lane[0];
+    vf8 a, b;
+    vf4 c, d;
+    memcpy(&a, &x, sizeof a);
+    memcpy(&b, (char *)&x + sizeof a, sizeof b);
+    vu8 a_smaller = (vu8)(a < b);
+    a = (vf8)(((vu8)b & a_smaller) | ((vu8)a & ~a_smaller));
+    memcpy(&c, &a, sizeof c);
+    memcpy(&d, (char *)&a + sizeof c, sizeof d);
+    vu4 c_smaller = (vu4)(c < d);
+    c = (vf4)(((vu4)d & c_smaller) | ((vu4)c & ~c_smaller));
+    float low = c[0] > c[1] ? c[0] : c[1], high = c[2] > c[3] ? c[2] : c[3];
+    return low > high ? low : high;
 }
 
 /* A 64-byte aligned buffer of `count` vectors, zeroed; free(*raw) releases it. */
@@ -81,6 +101,63 @@ static vf *vectors(size_t count, void **raw) {
     *raw = calloc(count * sizeof(vf) + 64, 1);
     if (!*raw) return NULL;
     return (vf *)(((uintptr_t)*raw + 63) & ~(uintptr_t)63);
+}
+
+/* ---- bfloat16 ----------------------------------------------------------------- */
+
+/* Under bf16 autocast the matrix products hand the kernels bfloat16 tensors
+ * (the top 16 bits of a float32). The kernels compute in float32 and convert
+ * where they read and write; `bf16` arguments say which kind a pointer holds. */
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as PyTorch does */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7FFFFFFFU) > 0x7F800000U) return (uint16_t)((bits >> 16) | 0x40U);  /* NaN stays NaN */
+    return (uint16_t)((bits + 0x7FFFU + ((bits >> 16) & 1U)) >> 16);
+}
+
+static inline vf vh_to_vf(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
+
+static inline vh vf_to_vh(vf f) {  /* float_to_bf16 on every lane */
+    vu bits = (vu)f;
+    vu rounded = (bits + 0x7FFFU + ((bits >> 16) & 1U)) >> 16;
+    vu nan = (bits & 0x7FFFFFFFU) > 0x7F800000U;
+    return __builtin_convertvector((rounded & ~nan) | (((bits >> 16) | 0x40U) & nan), vh);
+}
+
+/* Element src[i] of a float32 or bfloat16 array, as a float; and the reverse */
+static inline float read_at(const void *src, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)src)[i]) : ((const float *)src)[i];
+}
+
+/* dst[0 .. count) = src[offset ..] as floats; and the reverse. For the short
+ * rows (a head's dozen numbers) they are used on, a loop the compiler keeps
+ * inline beats a call to memcpy. */
+static inline void read_floats(float *dst, const void *src, int64_t offset, int64_t count, int bf16) {
+    const float *in32 = (const float *)src + offset;
+    const uint16_t *in16 = (const uint16_t *)src + offset;
+#pragma omp simd
+    for (int64_t i = 0; i < count; i++) dst[i] = bf16 ? bf16_to_float(in16[i]) : in32[i];
+}
+
+static inline void write_floats(void *dst, int64_t offset, const float *src, int64_t count, int bf16) {
+    float *out32 = (float *)dst + offset;
+    uint16_t *out16 = (uint16_t *)dst + offset;
+    if (bf16) {
+#pragma omp simd
+        for (int64_t i = 0; i < count; i++) out16[i] = float_to_bf16(src[i]);
+    } else {
+#pragma omp simd
+        for (int64_t i = 0; i < count; i++) out32[i] = src[i];
+    }
 }
 
 /* ---- random keep/drop decisions ------------------------------------------------ */
@@ -103,35 +180,29 @@ static inline vu mix32(vu x) {
     return x;
 }
 
-/* mask[j] = scale if element j of row `row` is kept, else 0, for j < 16 * blocks.
- * An element is dropped when its 32-bit hash is below threshold = round(p * 2^32). */
+/* The key of row `row` of a mask */
+static inline uint32_t row_key(uint64_t seed, uint64_t row) {
+    return (uint32_t)splitmix64(seed + row * 0x9E3779B97F4A7C15ULL);
+}
+
+/* Which of the elements 16 * b .. 16 * b + 15 of a row are kept (lanes all
+ * ones) or dropped (zero): dropped when their 32-bit hash is below
+ * threshold = round(p * 2^32). */
+static inline vu kept_lanes(uint32_t key, int64_t b, uint32_t threshold) {
+    return (vu)(mix32(key + (LANE + (uint32_t)(b * W)) * 0x9E3779B9U) >= threshold);
+}
+
+/* mask[j] = scale if element j of row `row` is kept, else 0, for j < 16 * blocks */
 static void mask_row(vf *mask, int64_t blocks, uint64_t seed, uint64_t row, uint32_t threshold, float scale) {
-    uint32_t key = (uint32_t)splitmix64(seed + row * 0x9E3779B97F4A7C15ULL);
+    uint32_t key = row_key(seed, row);
     vf kept = (vf){0} + scale;
-    for (int64_t b = 0; b < blocks; b++) {
-        vu hash = mix32(key + (LANE + (uint32_t)(b * W)) * 0x9E3779B9U);
-        mask[b] = select_vf((vu)(hash >= threshold), kept, (vf){0});
-    }
+    for (int64_t b = 0; b < blocks; b++) mask[b] = select_vf(kept_lanes(key, b, threshold), kept, (vf){0});
 }
 
 /* ---- dropout -------------------------------------------------------------------- */
 
 /* Dropout rows (one key each) are this long, whatever the tensor's shape. */
 #define DROPOUT_ROW 1024
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as PyTorch does */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7FFFFFFFU) > 0x7F800000U) return (uint16_t)((bits >> 16) | 0x40U);  /* NaN stays NaN */
-    return (uint16_t)((bits + 0x7FFFU + ((bits >> 16) & 1U)) >> 16);
-}
 
 /* y = x * mask for the flat elements [start, end) of a float32 (bfloat16 = 0)
  * or bfloat16 tensor, start a multiple of DROPOUT_ROW. The backward pass is the
@@ -195,18 +266,30 @@ static inline vf exp_nonpositive(vf x) {
     return p * (vf)two_n;
 }
 
-/* count <= W floats; missing lanes 0. The fixed-size copy of a whole vector
- * compiles to one unaligned load or store; the variable one to a call. */
-static inline vf load(const float *src, int64_t count) {
+/* count <= W elements from src[i ..], float32 or bfloat16; missing lanes 0.
+ * The fixed-size copy of a whole vector compiles to one unaligned load or
+ * store; the variable one to a call. */
+static inline vf load(const void *src, int64_t i, int64_t count, int bf16) {
     vf x = {0};
-    if (count == W) memcpy(&x, src, sizeof(vf));
-    else memcpy(&x, src, sizeof(float) * (size_t)count);
+    if (count == W && bf16) {
+        vh h;
+        memcpy(&h, (const uint16_t *)src + i, sizeof h);
+        return vh_to_vf(h);
+    }
+    if (count == W) memcpy(&x, (const float *)src + i, sizeof x);
+    else read_floats((float *)&x, src, i, count, bf16);
     return x;
 }
 
-static inline void store(float *dst, vf x, int64_t count) {
-    if (count == W) memcpy(dst, &x, sizeof(vf));
-    else memcpy(dst, &x, sizeof(float) * (size_t)count);
+static inline void store(void *dst, int64_t i, vf x, int64_t count, int bf16) {
+    if (count == W && bf16) {
+        vh h = vf_to_vh(x);
+        memcpy((uint16_t *)dst + i, &h, sizeof h);
+    } else if (count == W) {
+        memcpy((float *)dst + i, &x, sizeof x);
+    } else {
+        write_floats(dst, i, (const float *)&x, count, bf16);
+    }
 }
 
 /* tanh(sqrt(2/pi) (x + 0.044715 x^3)), with tanh|z| = (1 - e^-2|z|) / (1 + e^-2|z|) */
@@ -217,50 +300,65 @@ static inline vf gelu_tanh_term(vf x) {
     return (vf)((vu)((1.0f - e) / (1.0f + e)) | sign);
 }
 
-/* y = 0.5 x (1 + tanh(...)) for the flat elements [start, end) */
-void gelu_forward(const float *x, float *y, int64_t start, int64_t end, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t first, last;
-        thread_range(start, end, W, &first, &last);
-        for (int64_t i = first; i < last; i += W) {
-            int64_t count = last - i < W ? last - i : W;
-            vf xi = load(x + i, count);
-            store(y + i, 0.5f * xi * (1.0f + gelu_tanh_term(xi)), count);
-        }
+/* y = 0.5 x (1 + tanh(...)) for the flat elements [start, end); x and y float32
+ * or (bf16) bfloat16 */
+static inline __attribute__((always_inline)) void gelu_forward_range(const void *x, void *y, int64_t start,
+                                                                     int64_t end, int bf16) {
+    for (int64_t i = start; i < end; i += W) {
+        int64_t count = end - i < W ? end - i : W;
+        vf xi = load(x, i, count, bf16);
+        store(y, i, 0.5f * xi * (1.0f + gelu_tanh_term(xi)), count, bf16);
     }
 }
 
 /* dx = dy * d/dx [0.5 x (1 + t)] = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)) */
-void gelu_backward(const float *x, const float *dy, float *dx, int64_t start, int64_t end, int threads) {
+static inline __attribute__((always_inline)) void gelu_backward_range(const void *x, const void *dy, void *dx,
+                                                                      int64_t start, int64_t end, int bf16) {
+    for (int64_t i = start; i < end; i += W) {
+        int64_t count = end - i < W ? end - i : W;
+        vf xi = load(x, i, count, bf16), t = gelu_tanh_term(xi);
+        vf slope = 0.5f * (1.0f + t) + 0.5f * xi * (1.0f - t * t) * 0.7978845608028654f *
+                   (1.0f + 0.134145f * xi * xi);
+        store(dx, i, load(dy, i, count, bf16) * slope, count, bf16);
+    }
+}
+
+void gelu_forward(const void *x, void *y, int64_t start, int64_t end, int bf16, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         int64_t first, last;
         thread_range(start, end, W, &first, &last);
-        for (int64_t i = first; i < last; i += W) {
-            int64_t count = last - i < W ? last - i : W;
-            vf xi = load(x + i, count), t = gelu_tanh_term(xi);
-            vf slope = 0.5f * (1.0f + t) + 0.5f * xi * (1.0f - t * t) * 0.7978845608028654f *
-                       (1.0f + 0.134145f * xi * xi);
-            store(dx + i, load(dy + i, count) * slope, count);
-        }
+        if (bf16) gelu_forward_range(x, y, first, last, 1);
+        else gelu_forward_range(x, y, first, last, 0);
+    }
+}
+
+void gelu_backward(const void *x, const void *dy, void *dx, int64_t start, int64_t end, int bf16, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t first, last;
+        thread_range(start, end, W, &first, &last);
+        if (bf16) gelu_backward_range(x, dy, dx, first, last, 1);
+        else gelu_backward_range(x, dy, dx, first, last, 0);
     }
 }
 
 /* ---- attention ------------------------------------------------------------------ */
 
-/* A (batch, head) pair's q, k or v (rows of d floats, `stride` floats apart)
- * copied into zero-padded vector layouts: by_token[j * dv + e] holds row j
- * (dv = d / 16 rounded up), by_dim[c * nv + b] holds column c (nv = n / 16
- * rounded up). */
-static void pad_by_token(vf *dst, const float *src, int64_t n, int64_t d, int64_t stride, int64_t dv) {
-    for (int64_t j = 0; j < n; j++) memcpy(dst + j * dv, src + j * stride, sizeof(float) * (size_t)d);
+/* A (batch, head) pair's q, k or v (rows of d numbers from src[offset], `stride`
+ * apart) copied into zero-padded vector layouts of floats: by_token[j * dv + e]
+ * holds row j (dv = d / 16 rounded up), by_dim[c * nv + b] holds column c
+ * (nv = n / 16 rounded up). */
+static inline void pad_by_token(vf *dst, const void *src, int64_t offset, int64_t n, int64_t d, int64_t stride,
+                                int64_t dv, int bf16) {
+    for (int64_t j = 0; j < n; j++) read_floats((float *)(dst + j * dv), src, offset + j * stride, d, bf16);
 }
 
-static void pad_by_dim(vf *dst, const float *src, int64_t n, int64_t d, int64_t stride, int64_t nv) {
+static inline void pad_by_dim(vf *dst, const void *src, int64_t offset, int64_t n, int64_t d, int64_t stride,
+                              int64_t nv, int bf16) {
     float *out = (float *)dst;
     for (int64_t j = 0; j < n; j++)
-        for (int64_t c = 0; c < d; c++) out[c * nv * W + j] = src[j * stride + c];
+        for (int64_t c = 0; c < d; c++) out[c * nv * W + j] = read_at(src, offset + j * stride + c, bf16);
 }
 
 /* Queries are handled ROWS at a time: each vector of k or v loaded from the
@@ -313,11 +411,12 @@ static inline void rows_add_outer(vf *by_token, const vf *weights, int64_t nv, c
     }
 }
 
-/* Rows i0 .. i0 + ROWS - 1 of a (tokens x d) matrix, `stride` floats apart, into
- * dst (ROWS x dv vectors); rows from `rows` on (past the last query) are zero. */
-static void load_rows(vf *dst, const float *src, int rows, int64_t stride, int64_t d, int64_t dv) {
+/* ROWS rows of d numbers from src[offset], `stride` apart, into dst (ROWS x dv
+ * vectors); rows from `rows` on (past the last query) are zero. */
+static inline void load_rows(vf *dst, const void *src, int64_t offset, int rows, int64_t stride, int64_t d,
+                             int64_t dv, int bf16) {
     memset(dst, 0, sizeof(vf) * (size_t)(ROWS * dv));
-    for (int r = 0; r < rows; r++) memcpy(dst + r * dv, src + r * stride, sizeof(float) * (size_t)d);
+    for (int r = 0; r < rows; r++) read_floats((float *)(dst + r * dv), src, offset + r * stride, d, bf16);
 }
 
 /* Attention for (batch, head) pairs [start, end) (pair = batch * heads + head),
@@ -326,13 +425,16 @@ static void load_rows(vf *dst, const float *src, int rows, int64_t stride, int64
  * transposed copy:
  *   qkv  (batch, n, 3, heads, d): q, k, v of every token
  *   out  (batch, nq, heads, d):   dropout(softmax(q k^T * qk_scale)) v for the first nq tokens
- *   probs (batch, heads, nq, n):  the softmax before dropout, which the backward pass
- *                                 needs (NULL when there is no backward pass)
- * The dropout mask row of query i of a pair is pair * nq + i; threshold 0 means no dropout.
+ *   probs (batch, heads, nq, nv * 16): for the backward pass (NULL when there is
+ *         none), float32, rows padded to whole vectors: the softmax before dropout,
+ *         its sign bit set where dropout dropped the element, so the backward pass
+ *         reads the mask instead of recomputing it (probabilities are >= 0)
+ * qkv and out are float32, or bfloat16 if bf16. The dropout mask row of query i
+ * of a pair is pair * nq + i; threshold 0 means no dropout.
  * Returns 0, or -1 if out of memory. */
 static inline __attribute__((always_inline)) int attention_forward_range(
-    const float *qkv, float *out, float *probs, int64_t start, int64_t end, int64_t heads, int64_t nq, int64_t n,
-    int64_t d, int64_t dv, float qk_scale, uint64_t seed, uint32_t threshold, float drop_scale) {
+    const void *qkv, void *out, float *probs, int64_t start, int64_t end, int64_t heads, int64_t nq, int64_t n,
+    int64_t d, int64_t dv, int bf16, float qk_scale, uint64_t seed, uint32_t threshold, float drop_scale) {
     int64_t nv = (n + W - 1) / W, stride = 3 * heads * d;
     void *raw;
     vf *kt = vectors((size_t)(d * nv + n * dv + (2 * ROWS + 1) * nv + 2 * ROWS * dv), &raw);
@@ -342,21 +444,17 @@ static inline __attribute__((always_inline)) int attention_forward_range(
     for (int64_t b = 0; b < nv; b++)  /* -1e30 on the padding lanes keeps them out of the max */
         padding[b] = select_vf((vu)(LANE + (uint32_t)(b * W) >= (uint32_t)n), (vf){0} - 1e30f, (vf){0});
     for (int64_t pair = start; pair < end; pair++) {
-        const float *q = qkv + (pair / heads) * n * stride + (pair % heads) * d;
-        pad_by_dim(kt, q + heads * d, n, d, stride, nv);
-        pad_by_token(vr, q + 2 * heads * d, n, d, stride, dv);
+        int64_t q = (pair / heads) * n * stride + (pair % heads) * d;  /* where this pair's q starts */
+        pad_by_dim(kt, qkv, q + heads * d, n, d, stride, nv, bf16);
+        pad_by_token(vr, qkv, q + 2 * heads * d, n, d, stride, dv, bf16);
         for (int64_t i0 = 0; i0 < nq; i0 += ROWS) {
             int rows = nq - i0 < ROWS ? (int)(nq - i0) : ROWS;
-            load_rows(qs, q + i0 * stride, rows, stride, d, dv);
-            for (int64_t e = 0; e < ROWS * dv; e++) qs[e] *= qk_scale;
-            rows_times(scores, qs, dv, kt, d, nv);
-            for (int r = 0; r < ROWS; r++) {
+            load_rows(qs, qkv, q + i0 * stride, rows, stride, d, dv, bf16);
+            rows_times(scores, qs, dv, kt, d, nv);  /* q k^T, scaled inside the exp below */
+            /* rows past the last query (r >= rows) are left as they are: their outputs are never written */
+            for (int r = 0; r < rows; r++) {
                 vf *s = scores + r * nv, *p = dropped + r * nv;
                 int64_t row = pair * nq + i0 + r;
-                if (r >= rows) {  /* past the last query: weight nothing */
-                    memset(p, 0, sizeof(vf) * (size_t)nv);
-                    continue;
-                }
                 vf max_v = s[0] + padding[0];
                 for (int64_t b = 1; b < nv; b++) {
                     vf candidate = s[b] + padding[b];
@@ -365,23 +463,27 @@ static inline __attribute__((always_inline)) int attention_forward_range(
                 float max = hmax(max_v);
                 vf sum_v = {0};
                 for (int64_t b = 0; b < nv; b++) {
-                    s[b] = select_vf((vu)(padding[b] < 0.0f), (vf){0}, exp_nonpositive(s[b] - max));
+                    s[b] = select_vf((vu)(padding[b] < 0.0f), (vf){0}, exp_nonpositive((s[b] - max) * qk_scale));
                     sum_v += s[b];
                 }
+                /* one pass: normalise, save for the backward pass, drop out */
                 float inv_sum = 1.0f / hsum(sum_v);
-                for (int64_t b = 0; b < nv; b++) s[b] *= inv_sum;
-                if (probs) memcpy(probs + row * n, s, sizeof(float) * (size_t)n);
-                if (threshold) {
-                    mask_row(p, nv, seed, (uint64_t)row, threshold, drop_scale);
-                    for (int64_t b = 0; b < nv; b++) p[b] *= s[b];  /* the probabilities after dropout */
-                } else {
-                    memcpy(p, s, sizeof(vf) * (size_t)nv);
+                uint32_t key = threshold ? row_key(seed, (uint64_t)row) : 0;
+                for (int64_t b = 0; b < nv; b++) {
+                    vf prob = s[b] * inv_sum;
+                    vu kept = threshold ? kept_lanes(key, b, threshold) : ~(vu){0};
+                    if (probs) {
+                        vf saved = (vf)((vu)prob | (~kept & 0x80000000U));
+                        memcpy(probs + (row * nv + b) * W, &saved, sizeof saved);
+                    }
+                    s[b] = prob;
+                    if (threshold) p[b] = select_vf(kept, prob * drop_scale, (vf){0});
                 }
             }
-            rows_weighted(o, dropped, nv, vr, n, dv);
+            rows_weighted(o, threshold ? dropped : scores, nv, vr, n, dv);
             for (int r = 0; r < rows; r++)
-                memcpy(out + ((pair / heads) * nq + i0 + r) * heads * d + (pair % heads) * d, o + r * dv,
-                       sizeof(float) * (size_t)d);
+                write_floats(out, ((pair / heads) * nq + i0 + r) * heads * d + (pair % heads) * d,
+                             (const float *)(o + r * dv), d, bf16);
         }
     }
     free(raw);
@@ -389,40 +491,42 @@ static inline __attribute__((always_inline)) int attention_forward_range(
 }
 
 /* Gradients of attention_forward for pairs [start, end), from the saved
- * probs and the regenerated mask: dout is shaped as out, dqkv as qkv (the
- * q rows of tokens nq and after get zeros). Returns 0, or -1 if out of memory. */
+ * probs and the mask saved in their sign bits: dout is shaped as out, dqkv as qkv (the
+ * q rows of tokens nq and after get zeros), all three of qkv's type.
+ * Returns 0, or -1 if out of memory. */
 static inline __attribute__((always_inline)) int attention_backward_range(
-    const float *qkv, const float *probs, const float *dout, float *dqkv, int64_t start, int64_t end, int64_t heads,
-    int64_t nq, int64_t n, int64_t d, int64_t dv, float qk_scale, uint64_t seed, uint32_t threshold,
+    const void *qkv, const float *probs, const void *dout, void *dqkv, int64_t start, int64_t end, int64_t heads,
+    int64_t nq, int64_t n, int64_t d, int64_t dv, int bf16, float qk_scale, uint64_t seed, uint32_t threshold,
     float drop_scale) {
     int64_t nv = (n + W - 1) / W, stride = 3 * heads * d, out_stride = heads * d;
     void *raw;
-    vf *vt = vectors((size_t)(d * nv + 3 * n * dv + 4 * ROWS * nv + 3 * ROWS * dv), &raw);
+    vf *vt = vectors((size_t)(d * nv + 3 * n * dv + 4 * ROWS * nv + (3 * ROWS + 1) * dv), &raw);
     if (!vt) return -1;
     vf *kr = vt + d * nv, *dkr = kr + n * dv, *dvr = dkr + n * dv;
     vf *p = dvr + n * dv, *mask = p + ROWS * nv, *dp = mask + ROWS * nv, *ds = dp + ROWS * nv;
-    vf *qi = ds + ROWS * nv, *doi = qi + ROWS * dv, *dqi = doi + ROWS * dv;
+    vf *qi = ds + ROWS * nv, *doi = qi + ROWS * dv, *dqi = doi + ROWS * dv, *zeros = dqi + ROWS * dv;
     if (!threshold)  /* no dropout: every element kept, unscaled */
         for (int64_t b = 0; b < ROWS * nv; b++) mask[b] = (vf){0} + 1.0f;
     for (int64_t pair = start; pair < end; pair++) {
-        int64_t offset = (pair / heads) * n * stride + (pair % heads) * d;
-        const float *q = qkv + offset;
-        float *dq = dqkv + offset;
-        pad_by_dim(vt, q + 2 * heads * d, n, d, stride, nv);
-        pad_by_token(kr, q + heads * d, n, d, stride, dv);
+        int64_t q = (pair / heads) * n * stride + (pair % heads) * d;  /* where this pair's q (and dq) starts */
+        pad_by_dim(vt, qkv, q + 2 * heads * d, n, d, stride, nv, bf16);
+        pad_by_token(kr, qkv, q + heads * d, n, d, stride, dv, bf16);
         memset(dkr, 0, sizeof(vf) * (size_t)(2 * n * dv));  /* dkr and dvr */
         for (int64_t i0 = 0; i0 < nq; i0 += ROWS) {
             int rows = nq - i0 < ROWS ? (int)(nq - i0) : ROWS;
             int64_t row = pair * nq + i0;
-            /* rows past the last query are all zero, so they add nothing below */
-            memset(p, 0, sizeof(vf) * (size_t)(ROWS * nv));
-            for (int r = 0; r < rows; r++) {
-                memcpy(p + r * nv, probs + (row + r) * n, sizeof(float) * (size_t)n);
-                if (threshold) mask_row(mask + r * nv, nv, seed, (uint64_t)(row + r), threshold, drop_scale);
+            for (int64_t b = 0; b < rows * nv; b++) {
+                vf saved;
+                memcpy(&saved, probs + (row * nv + b) * W, sizeof saved);
+                p[b] = (vf)((vu)saved & 0x7FFFFFFFU);
+                vu kept = ((vu)saved >> 31) - 1U;  /* all ones where the sign bit is clear */
+                if (threshold) mask[b] = (vf)(kept & (vu)((vf){0} + drop_scale));
             }
-            load_rows(qi, q + i0 * stride, rows, stride, d, dv);
-            load_rows(doi, dout + ((pair / heads) * nq + i0) * out_stride + (pair % heads) * d, rows, out_stride, d,
-                      dv);
+            /* rows past the last query are all zero, so they add nothing below */
+            memset(p + rows * nv, 0, sizeof(vf) * (size_t)((ROWS - rows) * nv));
+            load_rows(qi, qkv, q + i0 * stride, rows, stride, d, dv, bf16);
+            load_rows(doi, dout, ((pair / heads) * nq + i0) * out_stride + (pair % heads) * d, rows, out_stride, d,
+                      dv, bf16);
             /* through the product with v: dv += (dropped-out probs)^T dout; dp = dout v^T */
             rows_times(dp, doi, dv, vt, d, nv);
             for (int64_t b = 0; b < ROWS * nv; b++) ds[b] = p[b] * mask[b];
@@ -439,48 +543,51 @@ static inline __attribute__((always_inline)) int attention_backward_range(
             }
             /* through the scores q k^T: dq = ds k, dk += ds^T q */
             rows_weighted(dqi, ds, nv, kr, n, dv);
-            for (int r = 0; r < rows; r++) memcpy(dq + (i0 + r) * stride, dqi + r * dv, sizeof(float) * (size_t)d);
+            for (int r = 0; r < rows; r++)
+                write_floats(dqkv, q + (i0 + r) * stride, (const float *)(dqi + r * dv), d, bf16);
             rows_add_outer(dkr, ds, nv, qi, n, dv);
         }
-        for (int64_t i = nq; i < n; i++) memset(dq + i * stride, 0, sizeof(float) * (size_t)d);
+        for (int64_t i = nq; i < n; i++) write_floats(dqkv, q + i * stride, (const float *)zeros, d, bf16);
         for (int64_t j = 0; j < n; j++) {
-            memcpy(dq + j * stride + heads * d, dkr + j * dv, sizeof(float) * (size_t)d);
-            memcpy(dq + j * stride + 2 * heads * d, dvr + j * dv, sizeof(float) * (size_t)d);
+            write_floats(dqkv, q + j * stride + heads * d, (const float *)(dkr + j * dv), d, bf16);
+            write_floats(dqkv, q + j * stride + 2 * heads * d, (const float *)(dvr + j * dv), d, bf16);
         }
     }
     free(raw);
     return 0;
 }
 
-int attention_forward(const float *qkv, float *out, float *probs, int64_t start, int64_t end, int64_t heads,
-                      int64_t nq, int64_t n, int64_t d, float qk_scale, uint64_t seed, uint32_t threshold,
+/* The two exported functions below call the range functions with dv and bf16
+ * as constants where they can: a head of at most 16 numbers (dv == 1) and
+ * each number type get code compiled for exactly that case. */
+#define SPECIALISED(range, ...)                                                                \
+    (d <= W ? (bf16 ? range(__VA_ARGS__, 1, 1, qk_scale, seed, threshold, drop_scale)          \
+                    : range(__VA_ARGS__, 1, 0, qk_scale, seed, threshold, drop_scale))         \
+            : (bf16 ? range(__VA_ARGS__, (d + W - 1) / W, 1, qk_scale, seed, threshold, drop_scale) \
+                    : range(__VA_ARGS__, (d + W - 1) / W, 0, qk_scale, seed, threshold, drop_scale)))
+
+int attention_forward(const void *qkv, void *out, float *probs, int64_t start, int64_t end, int64_t heads,
+                      int64_t nq, int64_t n, int64_t d, int bf16, float qk_scale, uint64_t seed, uint32_t threshold,
                       float drop_scale, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         int64_t first, last;
         thread_range(start, end, 1, &first, &last);
-        /* a head of at most 16 numbers (dv == 1) gets code compiled for exactly that */
-        failed |= (d <= W ? attention_forward_range(qkv, out, probs, first, last, heads, nq, n, d, 1, qk_scale,
-                                                    seed, threshold, drop_scale)
-                          : attention_forward_range(qkv, out, probs, first, last, heads, nq, n, d, (d + W - 1) / W,
-                                                    qk_scale, seed, threshold, drop_scale)) != 0;
+        failed |= SPECIALISED(attention_forward_range, qkv, out, probs, first, last, heads, nq, n, d) != 0;
     }
     return failed ? -1 : 0;
 }
 
-int attention_backward(const float *qkv, const float *probs, const float *dout, float *dqkv, int64_t start,
-                       int64_t end, int64_t heads, int64_t nq, int64_t n, int64_t d, float qk_scale,
+int attention_backward(const void *qkv, const float *probs, const void *dout, void *dqkv, int64_t start,
+                       int64_t end, int64_t heads, int64_t nq, int64_t n, int64_t d, int bf16, float qk_scale,
                        uint64_t seed, uint32_t threshold, float drop_scale, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         int64_t first, last;
         thread_range(start, end, 1, &first, &last);
-        failed |= (d <= W ? attention_backward_range(qkv, probs, dout, dqkv, first, last, heads, nq, n, d, 1,
-                                                     qk_scale, seed, threshold, drop_scale)
-                          : attention_backward_range(qkv, probs, dout, dqkv, first, last, heads, nq, n, d,
-                                                     (d + W - 1) / W, qk_scale, seed, threshold, drop_scale)) != 0;
+        failed |= SPECIALISED(attention_backward_range, qkv, probs, dout, dqkv, first, last, heads, nq, n, d) != 0;
     }
     return failed ? -1 : 0;
 }

@@ -94,11 +94,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("dropout_float", "dropout_bfloat16"):
         getattr(lib, name).argtypes = [ptr, ptr, i64, i64, u64, u32, f32, int_]
         getattr(lib, name).restype = None
-    lib.gelu_forward.argtypes = [ptr, ptr, i64, i64, int_]
-    lib.gelu_backward.argtypes = [ptr, ptr, ptr, i64, i64, int_]
+    lib.gelu_forward.argtypes = [ptr, ptr, i64, i64, int_, int_]
+    lib.gelu_backward.argtypes = [ptr, ptr, ptr, i64, i64, int_, int_]
     lib.gelu_forward.restype = lib.gelu_backward.restype = None
-    lib.attention_forward.argtypes = [ptr] * 3 + [i64] * 6 + [f32, u64, u32, f32, int_]
-    lib.attention_backward.argtypes = [ptr] * 4 + [i64] * 6 + [f32, u64, u32, f32, int_]
+    lib.attention_forward.argtypes = [ptr] * 3 + [i64] * 6 + [int_, f32, u64, u32, f32, int_]
+    lib.attention_backward.argtypes = [ptr] * 4 + [i64] * 6 + [int_, f32, u64, u32, f32, int_]
     lib.attention_forward.restype = lib.attention_backward.restype = ctypes.c_int
     lib.kernels_use_openmp.restype = ctypes.c_int
 
@@ -197,23 +197,29 @@ def _usable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
     return x.device.type == "cpu" and x.dtype in dtypes and not tracing and available()
 
 
-def supports_dropout(x: torch.Tensor) -> bool:
+def supports(x: torch.Tensor) -> bool:
+    """Whether the kernels take ``x``: an eager CPU float32 or bfloat16 tensor, kernels built."""
     return _usable(x, (torch.float32, torch.bfloat16))
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout of a CPU float32 or bfloat16 tensor (see ``supports_dropout``)."""
+    """Training-mode dropout of a CPU float32 or bfloat16 tensor (see ``supports``)."""
     return _Dropout.apply(x, p)
 
 
+def _bf16(x: torch.Tensor) -> int:
+    """The kernels' number-type flag: 1 for bfloat16 (computed in float32 inside), 0 for float32."""
+    return int(x.dtype == torch.bfloat16)
+
+
 class _GELU(torch.autograd.Function):
-    """The tanh-form GELU, forwards and backwards in one pass each. Shape preserving."""
+    """The tanh-form GELU, forwards and backwards in one pass each. Shape and dtype preserving."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty_like(x)
-        _parallel(library().gelu_forward, x.numel(), (x.data_ptr(), y.data_ptr()), align=16)
+        _parallel(library().gelu_forward, x.numel(), (x.data_ptr(), y.data_ptr()), (_bf16(x),), align=16)
         ctx.save_for_backward(x)
         return y
 
@@ -221,18 +227,15 @@ class _GELU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        grad = grad.contiguous()
+        grad = grad.to(x.dtype).contiguous()
         grad_x = torch.empty_like(x)
-        _parallel(library().gelu_backward, x.numel(), (x.data_ptr(), grad.data_ptr(), grad_x.data_ptr()), align=16)
+        _parallel(library().gelu_backward, x.numel(), (x.data_ptr(), grad.data_ptr(), grad_x.data_ptr()),
+                  (_bf16(x),), align=16)
         return grad_x
 
 
-def supports_float32(x: torch.Tensor) -> bool:
-    return _usable(x, (torch.float32,))
-
-
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) of a CPU float32 tensor (``supports_float32``).
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) of a CPU float32 or bfloat16 tensor (``supports``).
 
     PyTorch's own ``gelu(approximate="tanh")`` took 2.5-4.5x as long as its
     exact GELU here; this kernel's forward 2.1 ms against its 5.0 ms for a
@@ -244,8 +247,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 class _Attention(torch.autograd.Function):
     """Softmax attention with dropout from the fused projection's layout (see ``attention``).
 
-    In: qkv (B, N, 3, heads, head_size). Out: (B, num_queries, heads, head_size).
-    Keeps the softmax (B, heads, num_queries, N) for the backward pass.
+    In: qkv (B, N, 3, heads, head_size). Out: (B, num_queries, heads, head_size), qkv's dtype.
+    Keeps the softmax (B, heads, num_queries, N rounded up to 16), float32, for the backward pass.
     """
 
     @staticmethod
@@ -253,10 +256,13 @@ class _Attention(torch.autograd.Function):
         batch, num_tokens, _, heads, head_size = qkv.shape
         qkv = qkv.contiguous()
         output = qkv.new_empty(batch, num_queries, heads, head_size)
-        # the softmax is kept for the backward pass only when there will be one
-        probs = qkv.new_empty(batch, heads, num_queries, num_tokens if ctx.needs_input_grad[0] else 0)
+        # the softmax (rows padded to whole 16-float vectors, the dropout mask in its
+        # sign bits) is kept for the backward pass only when there will be one
+        padded_tokens = -(-num_tokens // 16) * 16 if ctx.needs_input_grad[0] else 0
+        probs = qkv.new_empty(batch, heads, num_queries, padded_tokens, dtype=torch.float32)
         seed = _new_seed() if dropout_p > 0 else 0  # no draw without dropout: eval leaves the RNG alone
-        settings = (heads, num_queries, num_tokens, head_size, head_size ** -0.5, seed, *_drop_threshold(dropout_p))
+        settings = (heads, num_queries, num_tokens, head_size, _bf16(qkv), head_size ** -0.5, seed,
+                    *_drop_threshold(dropout_p))
         _parallel(library().attention_forward, batch * heads,
                   (qkv.data_ptr(), output.data_ptr(), probs.data_ptr() if probs.numel() else None), settings)
         ctx.save_for_backward(qkv, probs)
@@ -267,7 +273,7 @@ class _Attention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         qkv, probs = ctx.saved_tensors
-        grad_output = grad_output.contiguous()
+        grad_output = grad_output.to(qkv.dtype).contiguous()
         grad_qkv = torch.empty_like(qkv)
         batch, heads = qkv.shape[0], qkv.shape[3]
         _parallel(library().attention_backward, batch * heads,
@@ -280,7 +286,7 @@ def attention(qkv: torch.Tensor, num_queries: int, dropout_p: float) -> torch.Te
 
     Takes q, k and v as the fused projection lays them out and returns the
     heads side by side, so neither end needs a transposed copy.
-    In: qkv (B, N, 3, heads, head_size), CPU float32 (see ``supports_float32``).
-    Out: (B, num_queries, heads, head_size). Differentiable in qkv.
+    In: qkv (B, N, 3, heads, head_size), CPU float32 or bfloat16 (see ``supports``).
+    Out: (B, num_queries, heads, head_size), same dtype. Differentiable in qkv.
     """
     return _Attention.apply(qkv, num_queries, dropout_p)

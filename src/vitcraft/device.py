@@ -43,16 +43,27 @@ def pick_device(name: str = "auto") -> torch.device:
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype for a precision name on a device (None: plain fp32).
 
-    "auto" picks bf16 on CUDA where supported, else fp16; fp32 on the CPU
-    (bf16 only pays off there for wide models: see benchmarks/) and on MPS.
+    "auto" picks bf16 on CUDA where supported, else fp16; bf16 on a CPU that
+    multiplies bf16 natively (``cpu_has_bf16``), else fp32; fp32 on MPS.
     """
     if precision not in PRECISIONS:
         raise VitcraftError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (x86 AVX512-BF16 or AMX).
+
+    There bf16 matrix products run 2-3.6x as fast as fp32 even at the seed
+    model's small sizes (``benchmarks/throughput.py``); elsewhere PyTorch
+    emulates bf16 and fp32 is faster.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu has them since 2.2
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -36,7 +36,7 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.training and 0 < self.p < 1 and cpu_kernels.supports_dropout(input):
+        if self.training and 0 < self.p < 1 and cpu_kernels.supports(input):
             return cpu_kernels.dropout(input, self.p)
         return super().forward(input)
 
@@ -196,9 +196,9 @@ class FasterMultiHeadAttention(nn.Module):
     """Multi-head attention with one fused Linear producing q, k and v for all heads.
 
     One (hidden -> 3 * hidden) matrix product replaces 3 * heads small ones.
-    With ``use_sdpa`` the attention itself runs fused: in vitcraft's CPU kernel
-    for float32 on the CPU (``cpu_kernels.attention``, dropout included), else in
-    ``F.scaled_dot_product_attention``; except when the attention
+    With ``use_sdpa`` the attention itself runs fused: on the CPU in vitcraft's
+    kernel (``cpu_kernels.attention``, float32 or bfloat16, dropout included),
+    else in ``F.scaled_dot_product_attention``; except when the attention
     probabilities are asked for, which only the explicit softmax has.
     ``attention_bias``, if given, is added to the scaled scores before the
     softmax (any shape broadcasting to (B, heads, Q, N)): Swin's relative
@@ -228,7 +228,7 @@ class FasterMultiHeadAttention(nn.Module):
         dropout_p = self.attn_dropout.p if self.training else 0.0
         fast = self.use_sdpa and not output_attentions
         attention_probs = None
-        if fast and attention_bias is None and cpu_kernels.supports_float32(qkv):
+        if fast and attention_bias is None and cpu_kernels.supports(qkv):
             # On the CPU, SDPA with dropout falls back to an unfused path (separate
             # passes for scores, softmax, mask and product), and without dropout needs
             # q, k, v transposed; the fused kernel is faster either way.
@@ -274,12 +274,12 @@ class NewGELUActivation(nn.Module):
 
     The seed's activation (as in GPT-2/BERT code). PyTorch's
     ``gelu(approximate="tanh")`` computes the same formula in one kernel;
-    vitcraft's CPU kernel (``cpu_kernels.gelu_tanh``) is faster for float32.
-    Shape preserving.
+    vitcraft's CPU kernel (``cpu_kernels.gelu_tanh``, float32 or bfloat16) is
+    faster. Shape preserving.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.supports_float32(input):
+        if cpu_kernels.supports(input):
             return cpu_kernels.gelu_tanh(input)
         return F.gelu(input, approximate="tanh")
 
