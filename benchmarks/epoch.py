@@ -10,7 +10,9 @@ batch 256, and report seconds per epoch and test accuracy after each epoch.
 The vitcraft figure excludes the one-off decode of the folder into its cache,
 which is timed and printed on its own. Each pipeline runs in a fresh Python
 process, so neither inherits the other's settings (vitcraft's training tunes
-the process's malloc, see ``device.keep_freed_memory``), warm caches or RNG.
+the process's malloc, see ``device.keep_freed_memory``), warm caches or RNG;
+the two take turns, one epoch each, so that both see the same machine (this
+one's speed drifts by 20-30% over minutes).
 """
 
 from __future__ import annotations
@@ -35,13 +37,50 @@ from vitcraft.data import load_splits  # noqa: E402
 from vitcraft.train import DataConfig, RunConfig, TrainConfig, train  # noqa: E402
 
 
-def tutorial_epochs(data: str, epochs: int, seed: int = 0) -> list[tuple[float, float]]:
-    """Train the tutorial's way; (epoch seconds, test accuracy) per epoch."""
+class Turns:
+    """Lets two pipelines, each in its own process, take turns: one epoch each, never at the same time.
+
+    This machine's speed drifts by 20-30% over minutes; interleaving the
+    epochs makes both pipelines see the same drift.
+    """
+
+    def __init__(self, context, names):
+        self.reports = context.Queue()
+        self.go = {name: context.Queue() for name in names}
+
+    # in a pipeline's process
+    def end_turn(self, name: str, report=None) -> None:
+        """Report, then wait until it is this pipeline's turn again."""
+        self.reports.put((name, report))
+        self.go[name].get()
+
+    def finish(self, name: str, report) -> None:
+        self.reports.put((name, report))
+
+    # in the main process
+    def take_turn(self, name: str, process):
+        """Let ``name`` run until it reports; its report."""
+        self.go[name].put(True)
+        return self.wait(name, process)
+
+    def wait(self, name: str, process):
+        while True:
+            try:
+                sender, report = self.reports.get(timeout=5)
+                assert sender == name, f"{sender} ran out of turn"
+                return report
+            except queue.Empty:
+                if not process.is_alive():
+                    raise RuntimeError(f"the {name} pipeline failed (exit code {process.exitcode})") from None
+
+
+def tutorial_epochs(turns: Turns, data: str, epochs: int, seed: int = 0) -> None:
+    """Train the tutorial's way, one epoch per turn; reports (epoch seconds, test accuracy)."""
     torch.manual_seed(seed)
     model = tutorial_model(use_faster_attention=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     train_loader, test_loader = tutorial_loaders(data)
-    results = []
+    turns.end_turn("tutorial")  # ready
     for epoch in range(epochs):
         start = time.perf_counter()
         model.train()
@@ -56,16 +95,17 @@ def tutorial_epochs(data: str, epochs: int, seed: int = 0) -> list[tuple[float, 
             for images, labels in test_loader:
                 correct += (model(images)[0].argmax(1) == labels).sum().item()
                 total += len(labels)
-        results.append((time.perf_counter() - start, correct / total))
-        print(f"tutorial epoch {epoch + 1}/{epochs}: {results[-1][0]:.1f}s, test accuracy {100 * correct / total:.2f}%",
+        seconds = time.perf_counter() - start
+        print(f"tutorial epoch {epoch + 1}/{epochs}: {seconds:.1f}s, test accuracy {100 * correct / total:.2f}%",
               flush=True)
-    return results
+        turns.end_turn("tutorial", (seconds, correct / total))
+    turns.finish("tutorial", None)
 
 
-def vitcraft_epochs(data: str, epochs: int) -> list[tuple[float, float]]:
-    """Train with ``vitcraft.train`` from a fresh cache; (epoch seconds, test accuracy) per epoch."""
+def vitcraft_epochs(turns: Turns, data: str, epochs: int) -> None:
+    """Train with ``vitcraft.train`` from a fresh cache, one epoch per turn; reports (epoch seconds, test accuracy)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "cache"
+        cache, out = Path(tmp) / "cache", Path(tmp) / "run"
         start = time.perf_counter()
         load_splits(data, cache_dir=cache)
         decode_seconds = time.perf_counter() - start
@@ -74,32 +114,20 @@ def vitcraft_epochs(data: str, epochs: int) -> list[tuple[float, float]]:
         cached_seconds = time.perf_counter() - start
         print(f"vitcraft one-off decode of {data}: {decode_seconds:.1f}s; later loads from cache: "
               f"{cached_seconds:.1f}s", flush=True)
+
+        def log(line: str) -> None:
+            # train() logs "training ..." before its first epoch and "epoch i/n ..." after
+            # each, outside the epoch's timing: the turns are taken there
+            print("vitcraft", line, flush=True)
+            if line.startswith("training "):
+                turns.end_turn("vitcraft")  # ready
+            elif line.startswith("epoch "):
+                record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+                turns.end_turn("vitcraft", (record["epoch_seconds"], record["test_acc"]))
+
         run = RunConfig(train=TrainConfig(epochs=epochs), data=DataConfig(data=data, cache_dir=str(cache)))
-        train(run, Path(tmp) / "run", progress=False, figures=False,
-              log=lambda line: print("vitcraft", line, flush=True))
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    return [(r["epoch_seconds"], r["test_acc"]) for r in records]
-
-
-def _run_into(results, function, args) -> None:
-    results.put(function(*args))
-
-
-def in_fresh_process(function, *args):
-    """``function(*args)`` in a new Python process (spawned, not forked), its result returned."""
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=_run_into, args=(results, function, args))
-    process.start()
-    while True:
-        try:
-            result = results.get(timeout=5)
-            break
-        except queue.Empty:
-            if not process.is_alive():
-                raise RuntimeError(f"{function.__name__} failed (exit code {process.exitcode})") from None
-    process.join()
-    return result
+        train(run, out, progress=False, figures=False, log=log)
+    turns.finish("vitcraft", None)
 
 
 def main() -> None:
@@ -109,8 +137,23 @@ def main() -> None:
     parser.add_argument("--skip-tutorial", action="store_true")
     args = parser.parse_args()
 
-    ours = in_fresh_process(vitcraft_epochs, args.data, args.epochs)
-    theirs = [] if args.skip_tutorial else in_fresh_process(tutorial_epochs, args.data, args.epochs)
+    names = ["vitcraft"] + ([] if args.skip_tutorial else ["tutorial"])
+    pipelines = {"vitcraft": vitcraft_epochs, "tutorial": tutorial_epochs}
+    context = multiprocessing.get_context("spawn")  # fresh processes, not forks of this one
+    turns = Turns(context, names)
+    processes = {}
+    for name in names:  # one after the other: each gets ready (decodes, builds loaders) alone
+        processes[name] = context.Process(target=pipelines[name], args=(turns, args.data, args.epochs))
+        processes[name].start()
+        turns.wait(name, processes[name])
+    results = {name: [] for name in names}
+    for _ in range(args.epochs):
+        for name in names:
+            results[name].append(turns.take_turn(name, processes[name]))
+    for name in names:
+        turns.take_turn(name, processes[name])  # lets it finish
+        processes[name].join()
+    ours, theirs = results["vitcraft"], results.get("tutorial", [])
     print()
     print(f"{'epoch':>5} {'tutorial s':>11} {'vitcraft s':>11} {'speed-up':>9} {'tutorial acc':>13} "
           f"{'vitcraft acc':>13}")

@@ -5,6 +5,8 @@
 Each round times every contender for a few AdamW steps on the same random
 batch, round-robin, so background load hits all of them alike; the median
 over rounds is printed with its ratio to the tutorial's models and to timm.
+vitcraft runs in float32 and, on a CPU with bf16 instructions, also in its
+default precision there (bf16 autocast, see ``device.autocast_dtype``).
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference import timm_model, tutorial_model  # noqa: E402
 
 from vitcraft import ViTConfig, ViTForClassification  # noqa: E402
-from vitcraft.device import autocast  # noqa: E402
+from vitcraft.device import autocast, autocast_dtype  # noqa: E402
 
 
-def contenders(include_bf16: bool):
+def contenders():
     yield "tutorial per-head (MultiHeadAttention)", lambda: tutorial_model(use_faster_attention=False), None
     yield "tutorial fused (FasterMultiHeadAttention)", lambda: tutorial_model(use_faster_attention=True), None
     yield "timm VisionTransformer, same shape", timm_model, None
-    yield "vitcraft seed-tiny, per_head backend", lambda: ViTForClassification(ViTConfig(attention_backend="per_head")), None
-    yield "vitcraft seed-tiny (sdpa backend, default)", lambda: ViTForClassification(ViTConfig()), None
-    if include_bf16:
-        yield "vitcraft seed-tiny, bf16 autocast", lambda: ViTForClassification(ViTConfig()), torch.bfloat16
+    yield ("vitcraft seed-tiny, per_head backend, fp32",
+           lambda: ViTForClassification(ViTConfig(attention_backend="per_head")), None)
+    yield "vitcraft seed-tiny, default backend, fp32", lambda: ViTForClassification(ViTConfig()), None
+    default_dtype = autocast_dtype(torch.device("cpu"), "auto")
+    if default_dtype is not None:
+        yield (f"vitcraft seed-tiny, default ({str(default_dtype).removeprefix('torch.')})",
+               lambda: ViTForClassification(ViTConfig()), default_dtype)
 
 
 def make_step(model, dtype, images, labels):
@@ -56,13 +61,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     args = parser.parse_args()
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
     steps = {}
-    for name, build, dtype in contenders(args.bf16):
+    for name, build, dtype in contenders():
         steps[name] = make_step(build(), dtype, images, labels)
         for _ in range(2):  # warm-up: allocator, kernels
             steps[name]()
@@ -74,7 +78,8 @@ def main() -> None:
                 step()
             rates[name].append(args.batch_size * args.steps / (time.perf_counter() - start))
     median = {name: statistics.median(values) for name, values in rates.items()}
-    per_head, fused = median["tutorial per-head (MultiHeadAttention)"], median["tutorial fused (FasterMultiHeadAttention)"]
+    per_head = median["tutorial per-head (MultiHeadAttention)"]
+    fused = median["tutorial fused (FasterMultiHeadAttention)"]
     timm_rate = median["timm VisionTransformer, same shape"]
     print(f"training throughput, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'model':<45} {'img/s':>8} {'x per-head':>11} {'x fused':>8} {'x timm':>7}")

@@ -119,6 +119,29 @@ def test_gelu_matches_pytorchs_tanh_gelu():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(4, 65, 48), (3, 7, 20), (600, 64)])  # 600 rows: several row blocks
+def test_layer_norm_matches_pytorchs(shape):
+    x = (torch.randn(shape) * 3 + 1).requires_grad_()
+    weight, bias = torch.randn(shape[-1], requires_grad=True), torch.randn(shape[-1], requires_grad=True)
+    y = cpu_kernels.layer_norm(x, weight, bias, 1e-6)
+    expected = F.layer_norm(x, shape[-1:], weight, bias, 1e-6)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, weight, bias), grad),
+                         torch.autograd.grad(expected, (x, weight, bias), grad)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)  # weight, bias: sums over all rows
+
+
+def test_layer_norm_to_bfloat16_is_the_float32_result_rounded():
+    x = torch.randn(5, 65, 48, requires_grad=True)
+    weight, bias = torch.randn(48), torch.randn(48)
+    y16 = cpu_kernels.layer_norm(x, weight, bias, 1e-6, torch.bfloat16)
+    y32 = cpu_kernels.layer_norm(x, weight, bias, 1e-6)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.bfloat16())
+    grad = torch.randn_like(y16)  # a bf16 product after it hands back a bf16 gradient
+    assert torch.equal(torch.autograd.grad(y16, x, grad)[0], torch.autograd.grad(y32, x, grad.float())[0])
+
+
 def test_bfloat16_gelu_is_the_float32_kernel_rounded():
     # under bf16 autocast the kernels read and write bfloat16 but compute in float32
     x16 = (torch.randn(10_007) * 4).bfloat16().requires_grad_()  # a partial last vector too
@@ -151,7 +174,7 @@ def test_bfloat16_attention_is_the_float32_kernel_rounded(head_size, num_queries
 
 def test_bf16_autocast_training_runs_the_kernels_close_to_float32(monkeypatch):
     calls = []
-    for name in ("attention", "gelu_tanh", "dropout"):
+    for name in ("attention", "gelu_tanh", "dropout", "layer_norm"):
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
     config = ViTConfig(hidden_dropout_prob=1e-9, attention_probs_dropout_prob=1e-9)  # on, dropping nothing
@@ -159,7 +182,10 @@ def test_bf16_autocast_training_runs_the_kernels_close_to_float32(monkeypatch):
     x = torch.randn(4, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)[0]
-    assert {"attention", "gelu_tanh", "dropout"} <= set(calls)
+        # a block's LayerNorm hands its Linear bfloat16, what autocast would have cast it to
+        normalised = model.encoder.blocks[0].layernorm_1(torch.randn(2, 65, 48))
+        assert normalised.dtype == torch.bfloat16
+    assert {"attention", "gelu_tanh", "dropout", "layer_norm"} <= set(calls)
     calls.clear()
     expected = model(x)[0]
     assert "attention" in calls  # float32 takes the kernels too
@@ -232,11 +258,14 @@ def test_a_build_without_openmp_splits_the_work_over_python_threads_with_the_sam
         torch.manual_seed(5)
         qkv = torch.randn(6, 33, 3, 2, 8, requires_grad=True)
         x = torch.randn(3000, requires_grad=True)
+        rows = torch.randn(700, 24, requires_grad=True)  # LayerNorm row blocks of 256, split unevenly
+        weight = torch.randn(24, requires_grad=True)
         out = cpu_kernels.attention(qkv, 33, 0.2)
         dropped = cpu_kernels.dropout(x, 0.3)
         activated = cpu_kernels.gelu_tanh(x)
-        (out.sum() + dropped.sum() + activated.square().sum()).backward()
-        return [out, dropped, activated, qkv.grad, x.grad]
+        normalised = cpu_kernels.layer_norm(rows, weight, torch.zeros(24), 1e-5)
+        (out.sum() + dropped.sum() + activated.square().sum() + normalised.square().sum()).backward()
+        return [out, dropped, activated, normalised, qkv.grad, x.grad, rows.grad, weight.grad]
 
     with_openmp = run_all()
     monkeypatch.setattr(cpu_kernels, "library", lambda: plain)

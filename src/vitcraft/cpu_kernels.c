@@ -17,6 +17,7 @@
  * (batch, head) pairs. C99 with GCC/Clang vector extensions and OpenMP
  * pragmas (optional: without OpenMP, Python splits the work over threads).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -340,6 +341,100 @@ void gelu_backward(const void *x, const void *dy, void *dx, int64_t start, int64
         thread_range(start, end, W, &first, &last);
         if (bf16) gelu_backward_range(x, dy, dx, first, last, 1);
         else gelu_backward_range(x, dy, dx, first, last, 0);
+    }
+}
+
+/* ---- LayerNorm ------------------------------------------------------------------ */
+
+/* Lanes 0 .. count - 1 all ones, the rest zero */
+static inline vu lanes_below(int64_t count) { return (vu)(LANE < (uint32_t)count); }
+
+/* LayerNorm of rows [start, end) of c numbers each (float32):
+ *   y = (x - mean) * rstd * weight + bias, rstd = 1 / sqrt(variance + eps),
+ * y float32 or (y_bf16) bfloat16; stats gets (mean, rstd) of every row for the
+ * backward pass. The variance is computed from the centred values (two passes
+ * over a row that sits in the cache), as PyTorch does. */
+static inline __attribute__((always_inline)) void layernorm_forward_range(
+    const float *x, const float *weight, const float *bias, void *y, float *stats, int64_t start, int64_t end,
+    int64_t c, float eps, int y_bf16) {
+    for (int64_t row = start; row < end; row++) {
+        const float *xr = x + row * c;
+        vf sum_v = {0}, square_v = {0};
+        for (int64_t k = 0; k < c; k += W) sum_v += load(xr, k, c - k < W ? c - k : W, 0);
+        float mean = hsum(sum_v) / (float)c;
+        for (int64_t k = 0; k < c; k += W) {
+            int64_t count = c - k < W ? c - k : W;
+            vf centred = select_vf(lanes_below(count), load(xr, k, count, 0) - mean, (vf){0});
+            square_v += centred * centred;
+        }
+        float rstd = 1.0f / sqrtf(hsum(square_v) / (float)c + eps);
+        for (int64_t k = 0; k < c; k += W) {
+            int64_t count = c - k < W ? c - k : W;
+            vf normalised = (load(xr, k, count, 0) - mean) * rstd;
+            store(y, row * c + k, normalised * load(weight, k, count, 0) + load(bias, k, count, 0), count, y_bf16);
+        }
+        stats[2 * row] = mean;
+        stats[2 * row + 1] = rstd;
+    }
+}
+
+/* Rows of a LayerNorm's backward pass are taken in blocks of this many; each
+ * block sums its share of the weight and bias gradients on its own. */
+#define LAYERNORM_BLOCK 256
+
+/* Gradients of layernorm_forward for rows [start, end), start a multiple of
+ * LAYERNORM_BLOCK, from dy (float32, or bfloat16 if dy_bf16): with
+ * g = dy * weight and xhat = (x - mean) * rstd,
+ *   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+ * and for each block of rows b, partial[b] = (sum of dy * xhat, sum of dy)
+ * over its rows: summed over blocks, the weight's and the bias's gradients. */
+static inline __attribute__((always_inline)) void layernorm_backward_range(
+    const float *x, const float *weight, const float *stats, const void *dy, float *dx, float *partial,
+    int64_t start, int64_t end, int64_t c, int dy_bf16) {
+    for (int64_t row = start; row < end; row++) {
+        const float *xr = x + row * c;
+        float *dweight = partial + (row / LAYERNORM_BLOCK) * 2 * c, *dbias = dweight + c;
+        if (row % LAYERNORM_BLOCK == 0) memset(dweight, 0, sizeof(float) * (size_t)(2 * c));
+        float mean = stats[2 * row], rstd = stats[2 * row + 1];
+        vf g_sum_v = {0}, gx_sum_v = {0};
+        for (int64_t k = 0; k < c; k += W) {  /* missing lanes load as 0, so g is 0 there */
+            int64_t count = c - k < W ? c - k : W;
+            vf xhat = (load(xr, k, count, 0) - mean) * rstd, dyk = load(dy, row * c + k, count, dy_bf16);
+            vf g = dyk * load(weight, k, count, 0);
+            g_sum_v += g;
+            gx_sum_v += g * xhat;
+            store(dweight, k, load(dweight, k, count, 0) + dyk * xhat, count, 0);
+            store(dbias, k, load(dbias, k, count, 0) + dyk, count, 0);
+        }
+        float g_mean = hsum(g_sum_v) / (float)c, gx_mean = hsum(gx_sum_v) / (float)c;
+        for (int64_t k = 0; k < c; k += W) {
+            int64_t count = c - k < W ? c - k : W;
+            vf xhat = (load(xr, k, count, 0) - mean) * rstd;
+            vf g = load(dy, row * c + k, count, dy_bf16) * load(weight, k, count, 0);
+            store(dx, row * c + k, rstd * (g - g_mean - xhat * gx_mean), count, 0);
+        }
+    }
+}
+
+void layernorm_forward(const float *x, const float *weight, const float *bias, void *y, float *stats,
+                       int64_t start, int64_t end, int64_t c, float eps, int y_bf16, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t first, last;
+        thread_range(start, end, 1, &first, &last);
+        if (y_bf16) layernorm_forward_range(x, weight, bias, y, stats, first, last, c, eps, 1);
+        else layernorm_forward_range(x, weight, bias, y, stats, first, last, c, eps, 0);
+    }
+}
+
+void layernorm_backward(const float *x, const float *weight, const float *stats, const void *dy, float *dx,
+                        float *partial, int64_t start, int64_t end, int64_t c, int dy_bf16, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t first, last;
+        thread_range(start, end, LAYERNORM_BLOCK, &first, &last);
+        if (dy_bf16) layernorm_backward_range(x, weight, stats, dy, dx, partial, first, last, c, 1);
+        else layernorm_backward_range(x, weight, stats, dy, dx, partial, first, last, c, 0);
     }
 }
 

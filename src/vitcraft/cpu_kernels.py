@@ -39,6 +39,7 @@ from vitcraft.io import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DROPOUT_ROW = 1024  # as in the C file: mask rows are this long
+LAYERNORM_BLOCK = 256  # as in the C file: rows summed together in a LayerNorm's backward pass
 
 
 def _new_workers() -> ThreadPoolExecutor:
@@ -80,7 +81,7 @@ def _compile(compiler: str, target: Path, flag_sets=FLAG_SETS) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         for flags in flag_sets:
-            command = [compiler, "-O3", "-shared", "-fPIC", *flags, str(SOURCE), "-o", str(built)]
+            command = [compiler, "-O3", "-shared", "-fPIC", *flags, str(SOURCE), "-o", str(built), "-lm"]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(built, target)
@@ -100,6 +101,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.attention_forward.argtypes = [ptr] * 3 + [i64] * 6 + [int_, f32, u64, u32, f32, int_]
     lib.attention_backward.argtypes = [ptr] * 4 + [i64] * 6 + [int_, f32, u64, u32, f32, int_]
     lib.attention_forward.restype = lib.attention_backward.restype = ctypes.c_int
+    lib.layernorm_forward.argtypes = [ptr] * 5 + [i64] * 3 + [f32, int_, int_]
+    lib.layernorm_backward.argtypes = [ptr] * 6 + [i64] * 3 + [int_, int_]
+    lib.layernorm_forward.restype = lib.layernorm_backward.restype = None
     lib.kernels_use_openmp.restype = ctypes.c_int
 
 
@@ -242,6 +246,54 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     (256, 65, 192) tensor. Shape preserving.
     """
     return _GELU.apply(x)
+
+
+class _LayerNorm(torch.autograd.Function):
+    """LayerNorm over the last dimension, one pass over each row forwards and two backwards.
+
+    In: x (..., C) float32, weight and bias (C,). Out: (..., C) in ``out_dtype``
+    (float32, or bfloat16 to hand a bf16 matrix product its input directly).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, out_dtype: torch.dtype):
+        x, channels = x.contiguous(), x.shape[-1]
+        rows = x.numel() // channels
+        y = torch.empty(x.shape, dtype=out_dtype)
+        stats = x.new_empty(rows, 2)  # (mean, 1 / std) of each row
+        weight, bias = weight.contiguous(), bias.contiguous()
+        _parallel(library().layernorm_forward, rows,
+                  (x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), stats.data_ptr()),
+                  (channels, eps, _bf16(y)))
+        ctx.save_for_backward(x, weight, stats)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, stats = ctx.saved_tensors
+        channels = x.shape[-1]
+        rows = x.numel() // channels
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x)
+        # each block of rows sums its own share of the weight and bias gradients
+        partial = x.new_empty(-(-rows // LAYERNORM_BLOCK), 2, channels)
+        _parallel(library().layernorm_backward, rows,
+                  (x.data_ptr(), weight.data_ptr(), stats.data_ptr(), grad.data_ptr(), grad_x.data_ptr(),
+                   partial.data_ptr()), (channels, _bf16(grad)), align=LAYERNORM_BLOCK)
+        grad_weight, grad_bias = partial.sum(0)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``F.layer_norm`` over the last dimension of a CPU float32 tensor, with float32 weight and bias.
+
+    ``out_dtype=torch.bfloat16`` returns the result rounded to bfloat16, which
+    is what bf16 autocast's matrix product after a LayerNorm would make of it.
+    In: (..., C). Out: (..., C). Differentiable in x, weight and bias.
+    """
+    return _LayerNorm.apply(x, weight, bias, eps, out_dtype)
 
 
 class _Attention(torch.autograd.Function):
