@@ -1,4 +1,6 @@
-/* Fused CPU kernels for the training step: dropout, the tanh GELU, and attention with dropout.
+/* Fused CPU kernels for the training step: dropout, the tanh GELU, LayerNorm,
+ * and attention with dropout. They compute in float32 and read and write
+ * float32 or bfloat16 (what bf16 autocast's matrix products hand them).
  *
  * Why: with 65 tokens and 12-wide heads the seed model's attention is a swarm
  * of tiny matrix products, and PyTorch runs it as separate passes over the
@@ -269,7 +271,7 @@ static inline vf exp_nonpositive(vf x) {
 
 /* count <= W elements from src[i ..], float32 or bfloat16; missing lanes 0.
  * The fixed-size copy of a whole vector compiles to one unaligned load or
- * store; the variable one to a call. */
+ * store; a partial vector is copied element by element. */
 static inline vf load(const void *src, int64_t i, int64_t count, int bf16) {
     vf x = {0};
     if (count == W && bf16) {

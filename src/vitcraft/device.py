@@ -62,7 +62,7 @@ def cpu_has_bf16() -> bool:
     model's small sizes (``benchmarks/throughput.py``); elsewhere PyTorch
     emulates bf16 and fp32 is faster.
     """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu has them since 2.2
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu helpers; absent: no
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
