@@ -531,7 +531,7 @@ static inline void load_rows(vf *dst, const void *src, int64_t offset, int rows,
  * Returns 0, or -1 if out of memory. */
 static inline __attribute__((always_inline)) int attention_forward_range(
     const void *qkv, void *out, float *probs, int64_t start, int64_t end, int64_t heads, int64_t nq, int64_t n,
-    int64_t d, int64_t dv, int bf16, float qk_scale, uint64_t seed, uint32_t threshold, float drop_scale) {
+    int64_t d, float qk_scale, uint64_t seed, uint32_t threshold, float drop_scale, int64_t dv, int bf16) {
     int64_t nv = (n + W - 1) / W, stride = 3 * heads * d;
     void *raw;
     vf *kt = vectors((size_t)(d * nv + n * dv + (2 * ROWS + 1) * nv + 2 * ROWS * dv), &raw);
@@ -588,13 +588,13 @@ static inline __attribute__((always_inline)) int attention_forward_range(
 }
 
 /* Gradients of attention_forward for pairs [start, end), from the saved
- * probs and the mask saved in their sign bits: dout is shaped as out, dqkv as qkv (the
- * q rows of tokens nq and after get zeros), all three of qkv's type.
+ * probs and the mask saved in their sign bits (no seed needed; threshold 0:
+ * there was no dropout): dout is shaped as out, dqkv as qkv (the q rows of
+ * tokens nq and after get zeros), all three of qkv's type.
  * Returns 0, or -1 if out of memory. */
 static inline __attribute__((always_inline)) int attention_backward_range(
     const void *qkv, const float *probs, const void *dout, void *dqkv, int64_t start, int64_t end, int64_t heads,
-    int64_t nq, int64_t n, int64_t d, int64_t dv, int bf16, float qk_scale, uint64_t seed, uint32_t threshold,
-    float drop_scale) {
+    int64_t nq, int64_t n, int64_t d, float qk_scale, uint32_t threshold, float drop_scale, int64_t dv, int bf16) {
     int64_t nv = (n + W - 1) / W, stride = 3 * heads * d, out_stride = heads * d;
     void *raw;
     vf *vt = vectors((size_t)(d * nv + 3 * n * dv + 4 * ROWS * nv + (3 * ROWS + 1) * dv), &raw);
@@ -616,8 +616,10 @@ static inline __attribute__((always_inline)) int attention_backward_range(
                 vf saved;
                 memcpy(&saved, probs + (row * nv + b) * W, sizeof saved);
                 p[b] = (vf)((vu)saved & 0x7FFFFFFFU);
-                vu kept = ((vu)saved >> 31) - 1U;  /* all ones where the sign bit is clear */
-                if (threshold) mask[b] = (vf)(kept & (vu)((vf){0} + drop_scale));
+                if (threshold) {
+                    vu kept = ((vu)saved >> 31) - 1U;  /* all ones where the sign bit is clear */
+                    mask[b] = (vf)(kept & (vu)((vf){0} + drop_scale));
+                }
             }
             /* rows past the last query are all zero, so they add nothing below */
             memset(p + rows * nv, 0, sizeof(vf) * (size_t)((ROWS - rows) * nv));
@@ -654,14 +656,13 @@ static inline __attribute__((always_inline)) int attention_backward_range(
     return 0;
 }
 
-/* The two exported functions below call the range functions with dv and bf16
- * as constants where they can: a head of at most 16 numbers (dv == 1) and
- * each number type get code compiled for exactly that case. */
-#define SPECIALISED(range, ...)                                                                \
-    (d <= W ? (bf16 ? range(__VA_ARGS__, 1, 1, qk_scale, seed, threshold, drop_scale)          \
-                    : range(__VA_ARGS__, 1, 0, qk_scale, seed, threshold, drop_scale))         \
-            : (bf16 ? range(__VA_ARGS__, (d + W - 1) / W, 1, qk_scale, seed, threshold, drop_scale) \
-                    : range(__VA_ARGS__, (d + W - 1) / W, 0, qk_scale, seed, threshold, drop_scale)))
+/* The two exported functions below call the range functions with their last
+ * two arguments, dv and bf16, as constants where they can: a head of at most
+ * 16 numbers (dv == 1) and each number type get code compiled for exactly
+ * that case. */
+#define SPECIALISED(range, ...)                                                           \
+    (d <= W ? (bf16 ? range(__VA_ARGS__, 1, 1) : range(__VA_ARGS__, 1, 0))                \
+            : (bf16 ? range(__VA_ARGS__, (d + W - 1) / W, 1) : range(__VA_ARGS__, (d + W - 1) / W, 0)))
 
 int attention_forward(const void *qkv, void *out, float *probs, int64_t start, int64_t end, int64_t heads,
                       int64_t nq, int64_t n, int64_t d, int bf16, float qk_scale, uint64_t seed, uint32_t threshold,
@@ -671,20 +672,22 @@ int attention_forward(const void *qkv, void *out, float *probs, int64_t start, i
     {
         int64_t first, last;
         thread_range(start, end, 1, &first, &last);
-        failed |= SPECIALISED(attention_forward_range, qkv, out, probs, first, last, heads, nq, n, d) != 0;
+        failed |= SPECIALISED(attention_forward_range, qkv, out, probs, first, last, heads, nq, n, d, qk_scale, seed,
+                              threshold, drop_scale) != 0;
     }
     return failed ? -1 : 0;
 }
 
 int attention_backward(const void *qkv, const float *probs, const void *dout, void *dqkv, int64_t start,
                        int64_t end, int64_t heads, int64_t nq, int64_t n, int64_t d, int bf16, float qk_scale,
-                       uint64_t seed, uint32_t threshold, float drop_scale, int threads) {
+                       uint32_t threshold, float drop_scale, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         int64_t first, last;
         thread_range(start, end, 1, &first, &last);
-        failed |= SPECIALISED(attention_backward_range, qkv, probs, dout, dqkv, first, last, heads, nq, n, d) != 0;
+        failed |= SPECIALISED(attention_backward_range, qkv, probs, dout, dqkv, first, last, heads, nq, n, d,
+                              qk_scale, threshold, drop_scale) != 0;
     }
     return failed ? -1 : 0;
 }

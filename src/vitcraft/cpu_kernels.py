@@ -101,7 +101,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.gelu_backward.argtypes = [ptr, ptr, ptr, i64, i64, int_, int_]
     lib.gelu_forward.restype = lib.gelu_backward.restype = None
     lib.attention_forward.argtypes = [ptr] * 3 + [i64] * 6 + [int_, f32, u64, u32, f32, int_]
-    lib.attention_backward.argtypes = [ptr] * 4 + [i64] * 6 + [int_, f32, u64, u32, f32, int_]
+    lib.attention_backward.argtypes = [ptr] * 4 + [i64] * 6 + [int_, f32, u32, f32, int_]
     lib.attention_forward.restype = lib.attention_backward.restype = ctypes.c_int
     lib.layernorm_forward.argtypes = [ptr] * 5 + [i64] * 3 + [f32, int_, int_]
     lib.layernorm_backward.argtypes = [ptr] * 6 + [i64] * 3 + [int_, int_]
@@ -315,12 +315,13 @@ class _Attention(torch.autograd.Function):
         padded_tokens = -(-num_tokens // 16) * 16 if ctx.needs_input_grad[0] else 0
         probs = qkv.new_empty(batch, heads, num_queries, padded_tokens, dtype=torch.float32)
         seed = _new_seed() if dropout_p > 0 else 0  # no draw without dropout: eval leaves the RNG alone
-        settings = (heads, num_queries, num_tokens, head_size, _bf16(qkv), head_size ** -0.5, seed,
-                    *_drop_threshold(dropout_p))
+        shape = (heads, num_queries, num_tokens, head_size, _bf16(qkv), head_size ** -0.5)
+        threshold, drop_scale = _drop_threshold(dropout_p)
         _parallel(library().attention_forward, batch * heads,
-                  (qkv.data_ptr(), output.data_ptr(), probs.data_ptr() if probs.numel() else None), settings)
+                  (qkv.data_ptr(), output.data_ptr(), probs.data_ptr() if probs.numel() else None),
+                  (*shape, seed, threshold, drop_scale))
         ctx.save_for_backward(qkv, probs)
-        ctx.settings = settings
+        ctx.settings = (*shape, threshold, drop_scale)  # the backward reads the mask from probs: no seed
         return output
 
     @staticmethod
