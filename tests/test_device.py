@@ -37,3 +37,10 @@ def test_only_fp16_gets_a_gradient_scaler():
 def test_an_unknown_precision_is_one_clear_error():
     with pytest.raises(VitcraftError, match="precision must be one of auto, fp32, bf16, fp16; got 'fp8'"):
         device.autocast_dtype(CPU, "fp8")
+
+
+def test_cpu_autocast_dtype_follows_the_autocast_context():
+    assert device.cpu_autocast_dtype() is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert device.cpu_autocast_dtype() is torch.bfloat16
+    assert device.cpu_autocast_dtype() is None

@@ -66,6 +66,13 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype CPU autocast is on with right now, else None."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """The autocast context for ``dtype``, or a no-op context for fp32."""
     if dtype is None:

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vitcraft import cpu_kernels
 from vitcraft.config import ViTConfig
+from vitcraft.device import cpu_autocast_dtype
 from vitcraft.resize import resample_position_embeddings
 
 
@@ -41,13 +42,6 @@ class Dropout(nn.Dropout):
         return super().forward(input)
 
 
-def _cpu_autocast_dtype() -> torch.dtype | None:
-    """The dtype CPU autocast is on with, else None."""
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-
-
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm with a fused kernel on the CPU (``cpu_kernels.layer_norm``); identical elsewhere.
 
@@ -62,7 +56,7 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if (input.dtype == torch.float32 and len(self.normalized_shape) == 1 and self.weight is not None
                 and self.bias is not None and cpu_kernels.supports(input)):
-            out_dtype = torch.bfloat16 if _cpu_autocast_dtype() == torch.bfloat16 else torch.float32
+            out_dtype = torch.bfloat16 if cpu_autocast_dtype() == torch.bfloat16 else torch.float32
             return cpu_kernels.layer_norm(input, self.weight, self.bias, self.eps, out_dtype)
         return super().forward(input)
 
