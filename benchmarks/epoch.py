@@ -3,7 +3,8 @@
     python benchmarks/epoch.py --data ../shared/data/cifar10-jpeg [--epochs 1]
 
 The tutorial: torchvision ImageFolder with per-image transforms in 2
-DataLoader workers, its fused-attention model. vitcraft: the same recipe
+DataLoader workers, its fused-attention model (benchmarks/reference.py, torch.nn
+modules only). vitcraft: the same recipe
 through ``vitcraft.train`` (uint8 data in memory, batched augmentation, its
 default model backend). Both train seed-tiny with AdamW lr 1e-3, wd 1e-2,
 batch 256, and report seconds per epoch and test accuracy after each epoch.
@@ -11,8 +12,8 @@ The vitcraft figure excludes the one-off decode of the folder into its cache,
 which is timed and printed on its own. Each pipeline runs in a fresh Python
 process, so neither inherits the other's settings (vitcraft's training tunes
 the process's malloc, see ``device.keep_freed_memory``), warm caches or RNG;
-the two take turns, one epoch each, so that both see the same machine (this
-one's speed drifts by 20-30% over minutes).
+the two take turns, one epoch each, so that both see the same machine (a
+shared machine's speed drifts over minutes).
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import tutorial_loaders, tutorial_model  # noqa: E402
 
+from vitcraft.config import DataConfig, TrainConfig
 from vitcraft.data import load_splits  # noqa: E402
-from vitcraft.train import DataConfig, RunConfig, TrainConfig, train  # noqa: E402
+from vitcraft.runs import RunConfig
+from vitcraft.train import train  # noqa: E402
 
 
 class Turns:
     """Lets two pipelines, each in its own process, take turns: one epoch each, never at the same time.
 
-    This machine's speed drifts by 20-30% over minutes; interleaving the
-    epochs makes both pipelines see the same drift.
+    A shared machine's speed drifts over minutes; interleaving the epochs
+    makes both pipelines see the same drift.
     """
 
     def __init__(self, context, names):

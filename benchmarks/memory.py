@@ -1,6 +1,6 @@
 """Activation memory of one training step, with and without gradient checkpointing, per block saved.
 
-    python benchmarks/memory.py [--presets seed-tiny vit-tiny-p4-32 cnn-small] [--batch-size 128]
+    python benchmarks/memory.py [--presets seed-tiny vit-tiny-p4-32 cnn-small] [--batch-size 128] [--no-kernels]
 
 What a training step keeps between forward and backward is every tensor
 autograd saves for the backward pass. ``torch.autograd.graph.saved_tensors_hooks``
@@ -13,7 +13,9 @@ inputs, which checkpointing holds to recompute from (counted through forward
 pre-hooks), and whatever runs outside the blocks. During backward one block
 at a time is recomputed, so the peak with checkpointing is about the figure
 shown plus one block's share. The model is in training mode with the
-preset's own dropout, as in ``vitcraft train``.
+preset's own dropout, as in ``vitcraft train``. vitcraft's C kernels save
+other tensors than PyTorch's operations do (their dropout keeps no mask, for
+one); ``--no-kernels`` measures PyTorch's (``ops.use_kernels(False)``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitcraft import create_model
+from vitcraft import create_model, ops
 
 
 def checkpointed_units(model: nn.Module) -> list[nn.Module]:
@@ -80,8 +82,11 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["seed-tiny", "vit-tiny-p4-32", "deit-seed-tiny", "cnn-small"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="PyTorch's operations instead of vitcraft's C kernels")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    ops.use_kernels(not args.no_kernels)
     mib = 2 ** 20
     print(f"{'preset':<16} {'batch':>5} {'blocks':>6} {'no ckpt MiB':>12} {'ckpt MiB':>9} {'saved/block MiB':>16} "
           f"{'saved/block/image KiB':>22} {'ratio':>6}")

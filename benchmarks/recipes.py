@@ -27,8 +27,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from vitcraft.config import DataConfig, TrainConfig
 from vitcraft.data import load_splits
-from vitcraft.train import DataConfig, RunConfig, TrainConfig, train
+from vitcraft.runs import RunConfig
+from vitcraft.train import train
 
 COSINE = {"schedule": "cosine", "warmup_fraction": 0.05, "min_lr": 1e-5}
 DEIT_AUGMENT = {"auto_augment": "randaugment", "random_erasing": 0.25, "mixup_alpha": 0.8, "cutmix_alpha": 1.0,

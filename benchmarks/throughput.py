@@ -5,8 +5,11 @@
 Each round times every contender for a few AdamW steps on the same random
 batch, round-robin, so background load hits all of them alike; the median
 over rounds is printed with its ratio to the tutorial's models and to timm.
-vitcraft runs in float32 and, on a CPU with bf16 instructions, also in its
-default precision there (bf16 autocast, see ``device.autocast_dtype``).
+The tutorial's models are benchmarks/reference.py's (torch.nn modules only).
+vitcraft runs in float32, once more with its C kernels switched off
+(``ops.use_kernels(False)``: PyTorch's operations, to show what the kernels
+add) and, on a CPU with bf16 instructions, in its default precision there
+(bf16 autocast, see ``device.autocast_dtype``).
 """
 
 from __future__ import annotations
@@ -23,36 +26,40 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import timm_model, tutorial_model  # noqa: E402
 
-from vitcraft import ViTConfig, ViTForClassification  # noqa: E402
+from vitcraft import ViTConfig, ViTForClassification, ops  # noqa: E402
 from vitcraft.device import autocast, autocast_dtype  # noqa: E402
 
 
 def contenders():
-    yield "tutorial per-head (MultiHeadAttention)", lambda: tutorial_model(use_faster_attention=False), None
-    yield "tutorial fused (FasterMultiHeadAttention)", lambda: tutorial_model(use_faster_attention=True), None
-    yield "timm VisionTransformer, same shape", timm_model, None
+    """(name, model builder, autocast dtype or None, C kernels on) of each contender."""
+    yield "tutorial per-head (MultiHeadAttention)", lambda: tutorial_model(use_faster_attention=False), None, True
+    yield "tutorial fused (FasterMultiHeadAttention)", lambda: tutorial_model(use_faster_attention=True), None, True
+    yield "timm VisionTransformer, same shape", timm_model, None, True
     yield ("vitcraft seed-tiny, per_head backend, fp32",
-           lambda: ViTForClassification(ViTConfig(attention_backend="per_head")), None)
-    yield "vitcraft seed-tiny, default backend, fp32", lambda: ViTForClassification(ViTConfig()), None
+           lambda: ViTForClassification(ViTConfig(attention_backend="per_head")), None, True)
+    yield "vitcraft seed-tiny, default backend, fp32", lambda: ViTForClassification(ViTConfig()), None, True
+    yield ("vitcraft seed-tiny, default, fp32, no kernels",
+           lambda: ViTForClassification(ViTConfig()), None, False)
     default_dtype = autocast_dtype(torch.device("cpu"), "auto")
     if default_dtype is not None:
         yield (f"vitcraft seed-tiny, default ({str(default_dtype).removeprefix('torch.')})",
-               lambda: ViTForClassification(ViTConfig()), default_dtype)
+               lambda: ViTForClassification(ViTConfig()), default_dtype, True)
 
 
-def make_step(model, dtype, images, labels):
+def make_step(model, dtype, kernels, images, labels):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     model.train()
     device = torch.device("cpu")
 
     def step():
-        with autocast(device, dtype):
-            output = model(images)
-            logits = output[0] if isinstance(output, tuple) else output
-            loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with ops.use_kernels(kernels):  # the backward pass too: a checkpointed block recomputes in it
+            with autocast(device, dtype):
+                output = model(images)
+                logits = output[0] if isinstance(output, tuple) else output
+                loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     return step
 
 
@@ -66,8 +73,8 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
     steps = {}
-    for name, build, dtype in contenders():
-        steps[name] = make_step(build(), dtype, images, labels)
+    for name, build, dtype, kernels in contenders():
+        steps[name] = make_step(build(), dtype, kernels, images, labels)
         for _ in range(2):  # warm-up: allocator, kernels
             steps[name]()
     rates = {name: [] for name in steps}

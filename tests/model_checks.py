@@ -1,18 +1,13 @@
 """Checks every model variant must pass, shared by tests/test_swin.py and tests/test_cct.py."""
 
-import contextlib
-import io
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-from conftest import write_folder_dataset
 from vitcraft import create_model
 from vitcraft.model import count_parameters
 from vitcraft.registry import get_preset
-from vitcraft.train import DataConfig, RunConfig, TrainConfig, train
 
 
 def assert_every_parameter_gets_a_gradient(model: nn.Module, x: torch.Tensor) -> None:
@@ -38,16 +33,3 @@ def assert_description_states_parameter_count(name: str) -> None:
         model = create_model(name)
     assert f"({count_parameters(model):,} parameters)" in get_preset(name).description
 
-
-def train_tiny_run(root: Path, preset: str, model: dict[str, Any]) -> tuple[Path, str]:
-    """One epoch (3 steps of 16) on 32x32 generated images of 3 classes, with figures.
-
-    Returns the run directory and what the run printed (the figures' notes).
-    """
-    data = write_folder_dataset(root / "data", per_class=(16, 4), size=32)
-    run = RunConfig(preset=preset, model=model, train=TrainConfig(epochs=1, batch_size=16, eval_batch_size=32),
-                    data=DataConfig(data=str(data), cache_dir=str(root / "cache")))
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        train(run, root / "run", progress=False, log=lambda *_: None)
-    return root / "run", printed.getvalue()

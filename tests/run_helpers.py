@@ -1,4 +1,4 @@
-"""Helpers shared by the tests that run `vitcraft` in other processes (distributed, recovery, safe loading).
+"""Helpers shared by the tests that run `vitcraft` in other processes (distributed, recovery).
 
 Runs there must be repeatable to float tolerance: one CPU thread per process,
 no figures or TensorBoard files, and a small model.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from vitcraft.cli import main
-from vitcraft.io import load_tensors
+from vitcraft.files import load_tensors
 
 # a small model on the 8x8 generated images; one thread so sums are added in one order
 SMALL_RUN = ["--model-arg", "hidden_size=16", "--model-arg", "intermediate_size=32",
@@ -45,13 +45,6 @@ def run_here(*args: str) -> None:
         assert main(list(args)) == 0
     finally:
         torch.set_num_threads(threads)  # --threads 1 sets it for the whole process
-
-
-def train_small_run(data: Path, out: Path, *extra: str) -> Path:
-    """A one-epoch run of the small model, in this process."""
-    run_here("train", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "32",
-             *SMALL_RUN, *extra)
-    return out
 
 
 def run_cli(args: list[str], log_path: str, env: dict[str, str]) -> None:

@@ -3,8 +3,7 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
-from vitcraft.augment import (BatchAugment, Normalization, random_horizontal_flip, resized_crop,
-                              sample_crop_boxes)
+from vitcraft.augment import BatchAugment, Normalization, random_horizontal_flip, resized_crop, sample_crop_boxes
 
 
 def test_resized_crop_matches_torchvision_per_image():

@@ -1,18 +1,23 @@
 """CCT: the convolutional tokenizer, sequence pooling, presets, and a training run with its figures."""
 
+import io
 import json
 
 import pytest
 import torch
+from conftest import small_run, train_quietly
+from model_checks import (
+    assert_checkpointing_keeps_gradients,
+    assert_description_states_parameter_count,
+    assert_every_parameter_gets_a_gradient,
+)
 
 import vitcraft
-from model_checks import (assert_checkpointing_keeps_gradients, assert_description_states_parameter_count,
-                          assert_every_parameter_gets_a_gradient, train_tiny_run)
 from vitcraft import create_model
-from vitcraft.checkpoint import load_trained_model
 from vitcraft.cli import main
 from vitcraft.model import Block
 from vitcraft.registry import get_preset, preset_config
+from vitcraft.runs import load_trained_model
 from vitcraft.variants.cct import CCTConfig, CCTForClassification, ConvTokenizer, SequencePooling
 
 CCT_PRESETS = [name for name in vitcraft.list_models() if get_preset(name).config_class is CCTConfig]
@@ -127,11 +132,13 @@ def test_wrong_input_shape_is_a_clear_error():
 
 # --------------------------------------------------------------------------- training and the CLI
 @pytest.fixture(scope="module")
-def cct_run(tmp_path_factory):
+def cct_run(folder32, tmp_path_factory):
     # TINY's shape; image size, channels and classes come from the data
     tiny = {key: value for key, value in TINY.to_dict().items()
             if key not in ("extra", "image_size", "num_channels", "num_classes")}
-    return train_tiny_run(tmp_path_factory.mktemp("cct"), "cct-2-3x2-32", tiny)
+    out, printed = tmp_path_factory.mktemp("cct") / "run", io.StringIO()
+    train_quietly(small_run(folder32, out.parent, "cct-2-3x2-32", tiny, epochs=1), out, printed, figures=True)
+    return out, printed.getvalue()  # the figures' notes
 
 
 def test_training_runs_end_to_end_with_the_pooling_map_figure(cct_run):

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import make_image
+
 from vitcraft.cli import main
 
 TINY = ["--epochs", "2", "--batch-size", "16", "--model-arg", "hidden_size=32", "--model-arg", "intermediate_size=64"]
@@ -70,6 +70,56 @@ def test_resume_continues_and_existing_run_is_protected(trained_run, tiny_folder
     assert len((trained_run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "5"], "--lr"),
+    (["--batch-size", "8", "--preset", "vit-tiny-p4-32"], "--preset, --batch-size"),  # in --help order
+    (["--model-arg", "hidden_size=64"], "--model-arg"),
+    (["--config", "other.yaml"], "--config"),
+    (["--data", "cifar10", "--threads", "1"], "--threads, --data"),
+    (["--out", "elsewhere", "--overwrite"], "--out, --overwrite"),
+    (["--no-augment", "--grad-checkpointing"], "--grad-checkpointing, --no-augment"),
+])
+def test_resume_refuses_every_flag_it_would_ignore(trained_run, flags, named, capsys):
+    before = (trained_run / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", str(trained_run), "--epochs", "9", *flags, "--no-figures",
+                 "--no-tensorboard"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vitcraft: error: --resume continues {trained_run} with the settings it was started "
+                          f"with, so it does not take {named}; only --epochs may change") and err.count("\n") == 1
+    assert (trained_run / "metrics.jsonl").read_text() == before
+
+
+def test_eval_batch_size_default_is_the_train_settings(monkeypatch, capsys):
+    import dataclasses
+
+    from vitcraft.cli import build_parser
+    from vitcraft.config import TrainConfig
+
+    def eval_help() -> str:
+        with pytest.raises(SystemExit):
+            main(["eval", "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    default = TrainConfig().eval_batch_size
+    assert f"--batch-size N images per forward pass when evaluating (default: {default})" in eval_help()
+    assert build_parser().parse_args(["eval", "run"]).eval_batch_size == default
+    spec = next(spec for spec in dataclasses.fields(TrainConfig) if spec.name == "eval_batch_size")
+    monkeypatch.setattr(spec, "default", 123)  # one source: eval follows the field
+    assert "(default: 123)" in eval_help() and build_parser().parse_args(["eval", "run"]).eval_batch_size == 123
+
+
+def test_a_model_saved_with_the_dropped_extra_field_still_loads(trained_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "older"
+    shutil.copytree(trained_run, run)
+    metadata = json.loads((run / "model.json").read_text())
+    metadata["model_config"]["extra"] = {}  # as vitcraft wrote it before the field was dropped
+    (run / "model.json").write_text(json.dumps(metadata))
+    assert main(["eval", str(run), "--device", "cpu"]) == 0
+    assert "top-1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--data", "/no/such/folder"], "data folder /no/such/folder does not exist"),
     (["train", "--preset", "vit-huge"], "unknown model 'vit-huge'"),
@@ -92,6 +142,7 @@ def test_corrupt_image_in_predict_is_named(trained_run, tmp_path, capsys):
     assert f"cannot read image {bad}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_entry_point_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vitcraft", "list-models"], capture_output=True, text=True)
     assert result.returncode == 0 and "seed-tiny" in result.stdout

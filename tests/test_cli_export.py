@@ -4,17 +4,19 @@ import warnings
 
 import pytest
 import torch
+from conftest import small_run, train_quietly
 
-from run_helpers import train_small_run
-from vitcraft.checkpoint import load_trained_model
 from vitcraft.cli import main
+from vitcraft.runs import load_trained_model
 
 ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
 def run(tiny_folder, tmp_path_factory):
-    return train_small_run(tiny_folder, tmp_path_factory.mktemp("export") / "run")
+    out = tmp_path_factory.mktemp("export") / "run"
+    train_quietly(small_run(tiny_folder, out.parent, epochs=1), out)
+    return out
 
 
 def pytorch_logits(run_dir, images: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""The fused CPU kernels (vitcraft/cpu_kernels.c) against PyTorch's own operations."""
+"""The fused CPU kernels (vitcraft/cpu_kernels.c) against PyTorch's own operations, and their build."""
 
 import ctypes
+import os
+import re
 import shutil
 import warnings
 
@@ -10,7 +12,30 @@ import torch.nn.functional as F
 
 from vitcraft import ViTConfig, ViTForClassification, cpu_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler for the CPU kernels")
+# Skipped only where there is nothing to build with; with a compiler at hand a
+# build that fails is a failure (see kernels_built), so a broken C file cannot
+# pass as "skipped". VITCRAFT_CPU_KERNELS=require (CI) never skips.
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.find_compiler() is None and os.environ.get("VITCRAFT_CPU_KERNELS") != "require",
+    reason="no C compiler for the CPU kernels")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels_built():
+    """Build the kernels once, raising KernelBuildError (the compiler's output) if that fails."""
+    cpu_kernels.build()
+    if not cpu_kernels.available():
+        pytest.fail("the kernels build, but are off (VITCRAFT_CPU_KERNELS=0?) or failed to load")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty kernel cache in tmp_path; the library loaded afresh during the test and after it."""
+    monkeypatch.setenv("VITCRAFT_CACHE", str(tmp_path))
+    monkeypatch.delenv("VITCRAFT_CFLAGS", raising=False)
+    cpu_kernels.library.cache_clear()
+    yield tmp_path
+    cpu_kernels.library.cache_clear()
 
 
 def reference_attention(qkv, num_queries, keep_scale=None):
@@ -228,6 +253,7 @@ def test_gradient_checkpointing_replays_the_same_dropout_masks():
 def test_without_a_compiler_the_model_falls_back_to_pytorch(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("VITCRAFT_CACHE", str(tmp_path))
+    monkeypatch.delenv("VITCRAFT_CPU_KERNELS", raising=False)  # CI's "require" would raise
     cpu_kernels.library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="could not build the fused CPU kernels"):
@@ -244,7 +270,116 @@ def test_without_a_compiler_the_model_falls_back_to_pytorch(monkeypatch, tmp_pat
     assert cpu_kernels.available()
 
 
+@pytest.mark.parametrize("mode", ["require", "default"])
+def test_no_compiler_at_all_raises_under_require_and_warns_otherwise(fresh_build, monkeypatch, mode):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(fresh_build))  # no cc, gcc or clang on it
+    if mode == "require":
+        monkeypatch.setenv("VITCRAFT_CPU_KERNELS", "require")
+        with pytest.raises(cpu_kernels.KernelBuildError, match="no C compiler found"):
+            cpu_kernels.library()
+    else:
+        monkeypatch.delenv("VITCRAFT_CPU_KERNELS", raising=False)
+        with pytest.warns(UserWarning, match="no C compiler found"):
+            assert cpu_kernels.library() is None
+
+
+@pytest.mark.parametrize("mode", ["require", "default"])
+def test_a_broken_c_file_raises_the_compilers_message_under_require_and_warns_otherwise(fresh_build, monkeypatch,
+                                                                                        mode):
+    broken = fresh_build / "broken_kernels.c"
+    broken.write_text(cpu_kernels.SOURCE.read_text() + "int kernels_broken(void) { return 1 }\n")  # no ';'
+    bad_line = broken.read_text().count("\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    # the compiler's own diagnostic, pointing at the broken line, not a summary of it
+    diagnostic = rf"broken_kernels\.c:{bad_line}:\d+: error"
+    if mode == "require":
+        monkeypatch.setenv("VITCRAFT_CPU_KERNELS", "require")
+        with pytest.raises(cpu_kernels.KernelBuildError, match=diagnostic):
+            cpu_kernels.library()
+    else:
+        monkeypatch.delenv("VITCRAFT_CPU_KERNELS", raising=False)
+        with pytest.warns(UserWarning, match=diagnostic):
+            assert cpu_kernels.library() is None
+        assert not cpu_kernels.available()  # warned once, then quietly off
+    assert not list((fresh_build / "kernels").glob("*.so"))
+
+
+def test_off_builds_nothing_and_warns_nothing(fresh_build, monkeypatch):
+    monkeypatch.setenv("VITCRAFT_CPU_KERNELS", "0")
+    monkeypatch.setattr(cpu_kernels, "_compile", lambda *args, **kwargs: pytest.fail("compiled"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.library() is None
+    with pytest.raises(RuntimeError, match="not available"):  # a direct call says why instead of crashing
+        cpu_kernels.gelu_tanh(torch.randn(3))
+
+
+def test_extra_compiler_flags_are_split_like_a_shell_and_change_the_cache_key(fresh_build, monkeypatch):
+    compiler = cpu_kernels.find_compiler()
+    builds = []
+
+    def record(compiler, target, source, extra):
+        builds.append((target, extra))
+        raise cpu_kernels.KernelBuildError("not built in this test")
+
+    monkeypatch.setattr(cpu_kernels, "_compile", record)
+    monkeypatch.setenv("VITCRAFT_CPU_KERNELS", "require")
+    for cflags in ("", "-DVITCRAFT_A='1 2' -O2", "-DVITCRAFT_A=1"):
+        monkeypatch.setenv("VITCRAFT_CFLAGS", cflags)
+        with pytest.raises(cpu_kernels.KernelBuildError):
+            cpu_kernels.library()
+    (plain, none), (spaced, flags), (other, _) = builds
+    assert none == [] and flags == ["-DVITCRAFT_A=1 2", "-O2"]
+    assert len({plain, spaced, other}) == 3  # each set of flags is its own build
+    assert plain == cpu_kernels.library_path(compiler, cpu_kernels.SOURCE, [])
+
+
+def test_extra_compiler_flags_reach_the_compiler(fresh_build, monkeypatch):
+    monkeypatch.setenv("VITCRAFT_CPU_KERNELS", "require")
+    monkeypatch.setenv("VITCRAFT_CFLAGS", "-fvitcraft-no-such-option")
+    with pytest.raises(cpu_kernels.KernelBuildError) as info:
+        cpu_kernels.library()
+    # every command tried shows it, and the compiler's complaint about it follows each
+    assert str(info.value).count("-fvitcraft-no-such-option") >= 2 * len(cpu_kernels.FLAG_SETS)
+
+
+C_TYPES = {"int64_t": "i64", "uint64_t": "u64", "uint32_t": "u32", "float": "f32", "int": "int"}
+
+
+def exported_c_functions() -> dict[str, tuple[str, str]]:
+    """Every non-static function of cpu_kernels.c, in SIGNATURES' notation."""
+    found = {}
+    source = cpu_kernels.SOURCE.read_text()
+    for restype, name, parameters in re.findall(r"^(void|int) (\w+)\(([^)]*)\)\s*\{", source, flags=re.M):
+        arguments = []
+        for parameter in parameters.split(",") if parameters != "void" else []:
+            kind, pointer, argument = re.fullmatch(r"(?:const )?(\w+) (\*?)(\w+)", " ".join(parameter.split())).groups()
+            arguments.append(f"{argument}:{'ptr' if pointer else C_TYPES[kind]}")
+        found[name] = (restype, " ".join(arguments))
+    return found
+
+
+def test_the_signature_table_lists_every_c_function_with_its_parameters_in_order():
+    exported = exported_c_functions()
+    assert {"attention_forward", "layernorm_backward", "kernels_dropout_row"} <= set(exported)
+    assert exported == cpu_kernels.SIGNATURES
+
+
+def test_a_kernel_call_with_a_missing_or_unknown_argument_raises_before_reaching_c():
+    x = torch.randn(64)
+    with pytest.raises(TypeError, match=r"missing arguments \['y'\], unknown arguments \['out'\]"):
+        cpu_kernels._parallel("gelu_forward", x.numel(), x=x.data_ptr(), out=x.data_ptr(), bf16=0)
+    with pytest.raises(TypeError, match=r"missing arguments \[\], unknown arguments \['scale'\]"):
+        cpu_kernels._call("kernels_use_openmp", scale=1.0)
+    # given by name, the order of the keywords does not matter
+    y = torch.empty_like(x)
+    cpu_kernels._parallel("gelu_forward", x.numel(), bf16=0, y=y.data_ptr(), x=x.data_ptr())
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs cc")
+@pytest.mark.slow
 def test_a_build_without_openmp_splits_the_work_over_python_threads_with_the_same_results(monkeypatch, tmp_path):
     # Apple's clang has no OpenMP: the kernels then run single-threaded per call and
     # Python splits each range over threads; the results must not change

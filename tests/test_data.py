@@ -3,11 +3,11 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+from conftest import CLASSES, write_folder_dataset
 from PIL import Image
 
-from conftest import CLASSES, write_folder_dataset
 from vitcraft import data as data_module
-from vitcraft.data import epoch_indices, iterate_batches, load_splits, read_image
+from vitcraft.data import derive_seed, epoch_indices, iterate_batches, load_splits, read_image
 from vitcraft.errors import VitcraftError
 
 
@@ -129,15 +129,36 @@ def test_epoch_order_is_reproducible_and_sharded_like_distributed_sampler():
     assert torch.equal(a, epoch_indices(10, seed=3, epoch=1, shuffle=True))
     assert not torch.equal(a, epoch_indices(10, seed=3, epoch=2, shuffle=True))
     assert sorted(a.tolist()) == list(range(10))
-    shards = [epoch_indices(10, 3, 1, True, rank=r, world_size=3) for r in range(3)]
+    shards = [epoch_indices(10, 3, 1, shuffle=True, rank=r, world_size=3) for r in range(3)]
     assert all(len(s) == 4 for s in shards)  # padded to 12
     assert set(torch.cat(shards).tolist()) == set(range(10))
     # the union of each step's per-rank batches is the single-process batch
     batch = 2
     one = list(iterate_batches_indices(a, 2 * batch))
-    two = [list(iterate_batches_indices(epoch_indices(10, 3, 1, True, r, 2), batch)) for r in range(2)]
+    two = [list(iterate_batches_indices(epoch_indices(10, 3, 1, shuffle=True, rank=r, world_size=2), batch))
+           for r in range(2)]
     for step, joint in enumerate(one):
         assert sorted(joint) == sorted(two[0][step] + two[1][step])
+
+
+def test_epoch_order_options_are_keywords():
+    with pytest.raises(TypeError):
+        epoch_indices(10, 3, 1, True)  # what would True mean here?
+    assert torch.equal(epoch_indices(10, 3, 1, shuffle=False), torch.arange(10))
+    assert torch.equal(epoch_indices(10, 3, 1), epoch_indices(10, 3, 1, shuffle=True))
+
+
+def test_derived_seeds_are_distinct_per_stream_epoch_and_rank_and_stable():
+    seeds = [derive_seed(3, stream, epoch, rank)
+             for stream in ("augment", "dropout") for epoch in range(5) for rank in range(4)]
+    assert len(set(seeds)) == len(seeds)  # ranks draw different dropout masks and augmentations
+    assert all(0 <= seed < 2**63 for seed in seeds)  # valid for torch, numpy and random
+    assert derive_seed(1, "order", 0) != derive_seed(0, "order", 100_003)  # where seed * K + epoch collides
+    assert derive_seed(3, "order", 1) != derive_seed(4, "order", 1)
+    # a stored checkpoint resumes onto the same streams only if they never change (here or in
+    # another process: no salted hash)
+    assert derive_seed(0, "order", 0) == 907303049817992436
+    assert derive_seed(7, "dropout", 2, 1) == 1289057122496839031
 
 
 def iterate_batches_indices(order, batch_size):

@@ -5,20 +5,19 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_run, train_quietly, write_folder_dataset
 from torch import nn
 
-from conftest import write_folder_dataset
 from vitcraft import count_parameters, create_model
 from vitcraft.augment import Normalization
-from vitcraft.checkpoint import load_model_weights, load_trained_model, save_model
 from vitcraft.cli import main
+from vitcraft.config import TrainConfig
 from vitcraft.distill import Teacher, distillation_loss
 from vitcraft.errors import VitcraftError
-from vitcraft.train import DataConfig, RunConfig, TrainConfig, build_optimizer, train
+from vitcraft.runs import load_model_weights, load_trained_model, save_model
+from vitcraft.train import build_optimizer
 from vitcraft.variants.cnn import ConvNetForClassification
 from vitcraft.variants.deit import DeiTForClassification
-
-QUIET = dict(progress=False, figures=False, log=lambda *_: None, tensorboard=False)
 
 
 def log_probs(logits):
@@ -44,7 +43,8 @@ def test_soft_distillation_loss_by_hand():
     labels = torch.tensor([0, 1, 2, 3, 0])
     alpha, tau = 0.7, 3.0
     ce_labels = -log_probs(cls)[torch.arange(5), labels].mean()
-    p_teacher, log_p_teacher, log_p_student = (teacher / tau).softmax(1), log_probs(teacher / tau), log_probs(dist / tau)
+    p_teacher, log_p_teacher = (teacher / tau).softmax(1), log_probs(teacher / tau)
+    log_p_student = log_probs(dist / tau)
     kl = (p_teacher * (log_p_teacher - log_p_student)).sum(1).mean()  # KL(teacher || student) per image
     expected = (1 - alpha) * ce_labels + alpha * tau ** 2 * kl
     assert distillation_loss(cls, dist, teacher, labels, "soft", alpha, tau).item() == pytest.approx(
@@ -179,11 +179,7 @@ def folder16(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_run(folder16, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "run"
-    run = RunConfig(preset="cnn-small", model={"width": 8},
-                    train=TrainConfig(epochs=3, batch_size=16, learning_rate=3e-3, num_threads=1,
-                                      grad_checkpointing=True),
-                    data=DataConfig(data=str(folder16), cache_dir=str(out.parent / "cache")))
-    train(run, out, **QUIET)
+    train_quietly(small_run(folder16, out.parent, "cnn-small", {"width": 8}, epochs=3, grad_checkpointing=True), out)
     return out
 
 
@@ -211,10 +207,8 @@ def test_teacher_trains_and_student_distils_end_to_end(folder16, teacher_run, tm
 
 
 def test_a_plain_vit_distils_through_its_one_head(folder16, teacher_run, tmp_path):
-    run = RunConfig(preset="seed-tiny", model={"hidden_size": 32, "intermediate_size": 64},
-                    train=TrainConfig(epochs=1, batch_size=16, num_threads=1, teacher=str(teacher_run)),
-                    data=DataConfig(data=str(folder16), cache_dir=str(tmp_path / "cache")))
-    assert train(run, tmp_path / "kd", **QUIET)["step"] == 3
+    run = small_run(folder16, tmp_path, epochs=1, teacher=str(teacher_run))
+    assert train_quietly(run, tmp_path / "kd")["step"] == 3
 
 
 def test_teacher_of_other_classes_or_missing_is_a_clear_error(teacher_run, tmp_path, capsys):
@@ -238,14 +232,14 @@ def test_teacher_of_other_classes_or_missing_is_a_clear_error(teacher_run, tmp_p
 
 
 def test_attention_maps_of_deit_skip_both_prefix_tokens_and_cnns_have_none():
-    from vitcraft.figures import attention_maps
+    from vitcraft.attention_maps import maps_for_images
 
     model = create_model("deit-seed-tiny").eval()
     x = torch.randn(2, 3, 32, 32)
-    _, maps = attention_maps(model, x, "cls")
+    _, maps = maps_for_images(model, x, "cls")
     _, attentions = model(x, output_attentions=True)
     torch.testing.assert_close(maps, attentions[-1].mean(1)[:, 0, 2:].reshape(2, 8, 8))
-    _, rollout = attention_maps(model, x, "rollout")
+    _, rollout = maps_for_images(model, x, "rollout")
     torch.testing.assert_close(rollout.sum((1, 2)), torch.ones(2))
     with pytest.raises(ValueError, match="attention maps are not available for ConvNetForClassification"):
-        attention_maps(create_model("cnn-small"), x, "cls")
+        maps_for_images(create_model("cnn-small"), x, "cls")

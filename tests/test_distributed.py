@@ -14,10 +14,21 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import write_folder_dataset
-from run_helpers import (NO_DROPOUT, RESUME, SMALL_RUN, TIMEOUT, assert_same_run, finish, metrics, run_here, start,
-                         temporaries)
+from run_helpers import (
+    NO_DROPOUT,
+    RESUME,
+    SMALL_RUN,
+    TIMEOUT,
+    assert_same_run,
+    finish,
+    metrics,
+    run_here,
+    start,
+    temporaries,
+)
+
+pytestmark = pytest.mark.slow  # starts torchrun process groups: not in `pytest -m "not slow"`
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # 48 training images: 3 global batches of 16 per epoch, on each of 2 ranks 3 batches of 8.

@@ -24,14 +24,14 @@ import zlib
 import numpy as np
 import pytest
 import yaml
+from conftest import write_folder_dataset
 from PIL import Image
 
-from conftest import write_folder_dataset
 from vitcraft.cli import build_parser, run_config_from_args
-from vitcraft.config import ViTConfig
+from vitcraft.config import DataConfig, TrainConfig, ViTConfig
 from vitcraft.data import load_splits, read_image
 from vitcraft.errors import VitcraftError
-from vitcraft.train import DataConfig, RunConfig, TrainConfig, load_run_config, load_run_config_file
+from vitcraft.runs import RunConfig, load_run_config, load_run_config_file
 
 SECONDS_PER_CASE = 10
 # values of every JSON/YAML type, in and out of range
@@ -74,7 +74,6 @@ def model_case(rng: random.Random) -> tuple[object, bool]:
     if rng.random() < 0.05:
         return rng.choice([None, [], "hidden_size: 4", 3, [("hidden_size", 8)]]), True
     values = ViTConfig().to_dict()
-    del values["extra"]
     malformed = False
     for _ in range(rng.randint(1, 3)):
         roll = rng.random()
@@ -190,6 +189,32 @@ def test_malformed_config_files_raise_value_error(tmp_path):
             assert isinstance(result, (RunConfig, ValueError)), path.read_bytes()[:200]
             if isinstance(result, ValueError) and path.read_text(errors="replace") in FILE_TEXTS[:11]:
                 assert str(path) in str(result)  # a file that is no config says which file
+
+
+# what a user may type after a flag; commas reach the list flags
+FLAG_TEXTS = ["", " ", "0", "-1", "1.5", "nan", "inf", "-inf", "1e400", "2147483648", "x", "none", "True",
+              "1,2", "1,,2", ",", "0.5,x", "16,24,32"]
+
+
+def test_malformed_flag_values_are_refused_by_argparse_or_the_config():
+    """Every train flag built from a TrainConfig/DataConfig field, with odd text: argparse's usage error
+    (exit 2), one ValueError, or a RunConfig holding the value."""
+    rng, parser = random.Random(3), build_parser()
+    fields = [*dataclasses.fields(TrainConfig), *dataclasses.fields(DataConfig)]
+    for spec in fields:
+        flag = "--" + (spec.metadata.get("flag") or spec.name.replace("_", "-"))
+        for text in rng.sample(FLAG_TEXTS, 6):
+            with contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    args = parser.parse_args(["train", "--teacher", "t", f"{flag}={text}"])
+                except SystemExit as stop:
+                    assert stop.code == 2, (flag, text)
+                    continue
+            result = outcome(run_config_from_args, args)
+            assert isinstance(result, (RunConfig, ValueError)), (flag, text)
+            if isinstance(result, RunConfig):
+                section = result.train if spec in dataclasses.fields(TrainConfig) else result.data
+                assert getattr(section, spec.name) == getattr(args, spec.name), (flag, text)
 
 
 def test_malformed_run_directory_configs_raise_value_error(tmp_path):

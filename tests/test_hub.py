@@ -8,8 +8,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from vitcraft import ViTConfig, ViTForClassification
-from vitcraft.hub import from_pretrained, load_metadata, save_pretrained
+from vitcraft import ViTConfig, ViTForClassification, from_pretrained
+from vitcraft.hub import load_metadata, save_pretrained
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 transformers = pytest.importorskip("transformers")

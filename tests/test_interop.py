@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from vitcraft import ViTConfig, ViTForClassification
-from vitcraft.checkpoint import load_state_checked as load_weights
-from vitcraft.interop import (fused_state_dict, from_hf, from_timm, to_hf_config,
-                              to_hf_state_dict, to_timm_kwargs, to_timm_state_dict)
+from vitcraft.convert import fused_state_dict
+from vitcraft.interop import from_hf, from_timm, to_hf_config, to_hf_state_dict, to_timm_kwargs, to_timm_state_dict
+from vitcraft.state_dict import load_state_checked as load_weights
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 transformers = pytest.importorskip("transformers")

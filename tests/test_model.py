@@ -6,8 +6,17 @@ from torch import nn
 
 import vitcraft
 from vitcraft import ViTConfig, ViTForClassfication, ViTForClassification, count_parameters, create_model
-from vitcraft.model import (AttentionHead, Block, Embeddings, Encoder, FasterMultiHeadAttention, MLP,
-                            MultiHeadAttention, NewGELUActivation, PatchEmbeddings)
+from vitcraft.model import (
+    MLP,
+    AttentionHead,
+    Block,
+    Embeddings,
+    Encoder,
+    FasterMultiHeadAttention,
+    MultiHeadAttention,
+    NewGELUActivation,
+    PatchEmbeddings,
+)
 
 # The tutorial's config, exactly as it writes it.
 SEED_CONFIG = {
@@ -163,6 +172,26 @@ def test_seed_initialisation():
     assert (model.encoder.blocks[0].layernorm_1.weight == 1).all()
 
 
+@pytest.mark.parametrize("preset, backend, kept", [
+    ("seed-tiny", "sdpa", 1), ("seed-tiny", "fused", 1), ("seed-tiny", "per_head", 65), ("deit-seed-tiny", "sdpa", 2)])
+def test_the_last_block_computes_only_the_pooled_tokens_with_the_same_logits(preset, backend, kept):
+    model = create_model(preset, attention_backend=backend).eval()
+    x = torch.randn(2, 3, 32, 32)
+    queries = []
+    model.encoder.blocks[-1].attention.register_forward_hook(lambda m, i, out: queries.append(out[0].shape[1]))
+    logits = model(x)[0]
+    # the fused attentions compute only [CLS] (DeiT: and its distillation token); per-head all 65
+    assert queries == [kept]
+    hidden, _ = model.encoder(model.embedding(x))  # every token through every block
+    features = model.final_layernorm(hidden[:, :2] if kept == 2 else model.pool(hidden))
+    full = (model.classifier(features[:, 0]) + model.distillation_classifier(features[:, 1])) / 2 if kept == 2 \
+        else model.classifier(features)
+    torch.testing.assert_close(logits, full, atol=1e-6, rtol=1e-5)
+    queries.clear()
+    model(x, output_attentions=True)  # the maps need every token's queries
+    assert queries == [65 if kept != 2 else 66]
+
+
 def test_mean_pooling_uses_patch_tokens():
     model = ViTForClassification(ViTConfig(pooling="mean", attention_backend="fused")).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -210,7 +239,8 @@ def test_config_round_trip_and_presets():
     c = ViTConfig.from_dict(SEED_CONFIG)
     assert ViTConfig.from_dict(c.to_dict()) == c
     assert "seed-tiny" in vitcraft.list_models()
-    assert {"vit-tiny-p16-224", "vit-small-p16-224", "vit-base-p16-224", "vit-tiny-p4-32"} <= set(vitcraft.list_models())
+    imagenet_sizes = {"vit-tiny-p16-224", "vit-small-p16-224", "vit-base-p16-224", "vit-tiny-p4-32"}
+    assert imagenet_sizes <= set(vitcraft.list_models())
     m = create_model("seed-tiny", num_classes=100)
     assert m.classifier.out_features == 100
     with pytest.raises(ValueError, match="unknown model 'seed-tiy'; did you mean 'seed-tiny'"):
@@ -222,7 +252,7 @@ def test_dropout_works_in_a_forked_child():
     # a forked child (a DataLoader worker, say) must still get its dropout done
     import multiprocessing
 
-    from vitcraft.model import Dropout
+    from vitcraft.ops import Dropout
 
     Dropout(0.1).train()(torch.ones(300_000))
     context = multiprocessing.get_context("fork")
@@ -238,7 +268,7 @@ def test_dropout_works_in_a_forked_child():
 
 
 def _dropout_mean_into(queue):
-    from vitcraft.model import Dropout
+    from vitcraft.ops import Dropout
 
     torch.set_num_threads(1)  # as DataLoader workers do: OpenMP itself is not fork-safe
     queue.put(float(Dropout(0.1).train()(torch.ones(300_000)).mean()))

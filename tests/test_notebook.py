@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_folder_dataset
+
+pytestmark = pytest.mark.slow  # runs the whole notebook in a Jupyter kernel: not in `pytest -m "not slow"`
 
 nbformat = pytest.importorskip("nbformat", reason="needs nbformat (pip install -e '.[test]')")
 nbclient = pytest.importorskip("nbclient", reason="needs nbclient (pip install -e '.[test]')")

@@ -14,11 +14,23 @@ import signal
 import time
 
 import pytest
-
 from conftest import write_folder_dataset
-from run_helpers import (RESUME, SMALL_RUN, assert_same_run, finish, metrics, run_cli, run_here, start,
-                         temporaries, wait_for_line)
-from vitcraft.io import load_tensors
+from run_helpers import (
+    RESUME,
+    SMALL_RUN,
+    assert_same_run,
+    finish,
+    metrics,
+    run_cli,
+    run_here,
+    start,
+    temporaries,
+    wait_for_line,
+)
+
+from vitcraft.files import load_tensors
+
+pytestmark = pytest.mark.slow  # kills training processes and resumes them: not in `pytest -m "not slow"`
 
 # 48 training images in batches of 16: 3 steps per epoch, so checkpoint writes take a good part
 # of the time (where kills should land too); dropout and augmentation on (the defaults)
@@ -28,9 +40,9 @@ KILLS = 6
 
 def run_cli_half_writing(args: list[str], log_path: str, env: dict[str, str]) -> None:
     """As run_cli, but the second checkpoint write (epoch 2) stops half-way and waits to be killed."""
-    import vitcraft.io
+    import vitcraft.files
 
-    write, checkpoints = vitcraft.io.save_file, []
+    write, checkpoints = vitcraft.files.save_file, []
 
     def half_write(tensors, path, metadata=None):
         write(tensors, path, metadata=metadata)
@@ -41,7 +53,7 @@ def run_cli_half_writing(args: list[str], log_path: str, env: dict[str, str]) ->
                 print("HALF WRITTEN")
                 time.sleep(600)
 
-    vitcraft.io.save_file = half_write
+    vitcraft.files.save_file = half_write
     run_cli(args, log_path, env)
 
 

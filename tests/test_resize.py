@@ -5,18 +5,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_run, train_quietly, write_folder_dataset
 from timm.layers import resample_abs_pos_embed
 
-from conftest import write_folder_dataset
 from vitcraft import create_model
-from vitcraft.checkpoint import load_trained_model
 from vitcraft.cli import main
+from vitcraft.config import TrainConfig
 from vitcraft.errors import VitcraftError
-from vitcraft.io import load_tensors
+from vitcraft.files import load_tensors
 from vitcraft.resize import progressive_size, resample_position_embeddings
-from vitcraft.train import DataConfig, RunConfig, TrainConfig, train
-
-QUIET = dict(progress=False, figures=False, log=lambda *_: None, tensorboard=False)
+from vitcraft.runs import load_trained_model
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,8 @@ def test_resampling_a_smooth_table_follows_the_function():
 
 
 def test_mismatched_table_is_refused():
-    with pytest.raises(ValueError, match="position embeddings have 65 rows, but 2 prefix tokens and a 8x8 grid need 66"):
+    with pytest.raises(ValueError,
+                       match="position embeddings have 65 rows, but 2 prefix tokens and a 8x8 grid need 66"):
         resample_position_embeddings(torch.zeros(1, 65, 4), 2, (8, 8), (4, 4))
 
 
@@ -91,16 +90,9 @@ def test_progressive_schedule_splits_the_epochs_evenly():
     assert [progressive_size(None, e, 3, 32) for e in range(3)] == [32, 32, 32]
 
 
-def tiny_run(folder, tmp_path, **train) -> RunConfig:
-    settings = dict(epochs=2, batch_size=16, learning_rate=3e-3, seed=1, num_threads=1)
-    return RunConfig(preset="seed-tiny", model={"hidden_size": 32, "intermediate_size": 64},
-                     train=TrainConfig(**{**settings, **train}),
-                     data=DataConfig(data=str(folder), cache_dir=str(tmp_path / "cache")))
-
-
 def test_progressive_training_keeps_the_full_size_parameters(folder16, tmp_path):
     out = tmp_path / "run"
-    train(tiny_run(folder16, tmp_path, progressive_sizes=[8, 16]), out, **QUIET)
+    train_quietly(small_run(folder16, tmp_path, progressive_sizes=[8, 16]), out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["image_size"] for r in records] == [8, 16]
     assert all(0 <= r["test_acc"] <= 1 for r in records)
@@ -115,14 +107,14 @@ def test_progressive_training_keeps_the_full_size_parameters(folder16, tmp_path)
 
 def test_progressive_sizes_are_checked(folder16, tmp_path):
     with pytest.raises(VitcraftError, match=r"multiples of the patch size 4 of 'seed-tiny', got \[10\]"):
-        train(tiny_run(folder16, tmp_path, progressive_sizes=[10, 16]), tmp_path / "bad", **QUIET)
+        train_quietly(small_run(folder16, tmp_path, progressive_sizes=[10, 16]), tmp_path / "bad")
     with pytest.raises(VitcraftError, match="progressive_sizes must be a list of positive integers"):
         TrainConfig(progressive_sizes=[0, 16])
 
 
 def test_eval_at_another_image_size(folder16, tmp_path, capsys):
     out = tmp_path / "run"
-    train(tiny_run(folder16, tmp_path, epochs=1), out, **QUIET)
+    train_quietly(small_run(folder16, tmp_path, epochs=1), out)
     assert main(["eval", str(out), "--device", "cpu", "--image-size", "24"]) == 0
     assert "top-1" in capsys.readouterr().out
     assert main(["eval", str(out), "--device", "cpu", "--image-size", "18"]) == 2

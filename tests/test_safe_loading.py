@@ -12,9 +12,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_image, small_run, train_quietly
 
-from conftest import make_image
-from run_helpers import train_small_run
 from vitcraft.cli import main
 
 
@@ -44,7 +43,9 @@ def unpickle(path, kind: str) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tiny_folder, tmp_path_factory):
-    return train_small_run(tiny_folder, tmp_path_factory.mktemp("safe") / "run")
+    out = tmp_path_factory.mktemp("safe") / "run"
+    train_quietly(small_run(tiny_folder, out.parent, epochs=1), out)
+    return out
 
 
 @pytest.fixture

@@ -23,13 +23,12 @@ from PIL import Image
 for _module in ("starlette", "uvicorn", "python_multipart"):
     pytest.importorskip(_module, reason="vitcraft serve needs the serve extra: pip install -e '.[serve]'")
 
-from conftest import make_image  # noqa: E402
-from test_train import tiny_run  # noqa: E402
+from conftest import make_image, small_run, train_quietly  # noqa: E402
+
 from vitcraft import serve  # noqa: E402
 from vitcraft.cli import main  # noqa: E402
 from vitcraft.hub import save_pretrained  # noqa: E402
 from vitcraft.inference import load_predictor  # noqa: E402
-from vitcraft.train import train  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SERVER_START_SECONDS = 180  # importing torch on a busy CI machine can take a while
@@ -43,7 +42,7 @@ def run_dir(tiny_folder, tmp_path_factory):
     """A tiny trained run (3 classes, 8 x 8 images, 4 blocks of 4 heads)."""
     tmp = tmp_path_factory.mktemp("serve")
     out = tmp / "run"
-    train(tiny_run(tiny_folder, tmp), out, progress=False, figures=False, log=lambda *_: None)
+    train_quietly(small_run(tiny_folder, tmp), out)
     return out
 
 
@@ -188,6 +187,7 @@ def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(server, im
     assert predict_file(server, images[0])[0] == 200
 
 
+@pytest.mark.slow
 def test_concurrent_requests_do_not_interfere_and_memory_stays_flat(server, images):
     requests = [(path, layer) for path in images for layer in (0, 3)]
     expected = {(path, layer): predict_file(server, path, layer=layer)[1] for path, layer in requests}
@@ -256,6 +256,7 @@ def _browser():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+@pytest.mark.slow
 def test_the_page_in_headless_chromium(server, run_dir, images, tmp_path, capsys):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -271,8 +272,8 @@ def test_the_page_in_headless_chromium(server, run_dir, images, tmp_path, capsys
                 for row in browser.find_elements(By.CSS_SELECTOR, "#top5 li")]
         assert rows == cli_predictions(run_dir, images[0], capsys)
         for name in ("image-view", "overlay-cls", "overlay-rollout"):
-            wait.until(lambda b: b.execute_script(f"return document.getElementById('{name}').naturalWidth")
-                       == serve.DISPLAY_SIDE)
+            script = f"return document.getElementById('{name}').naturalWidth"
+            wait.until(lambda b, script=script: b.execute_script(script) == serve.DISPLAY_SIDE)
         browser.save_screenshot(str(tmp_path / "serve.png"))
 
         before = browser.find_element(By.ID, "overlay-cls").get_attribute("src")

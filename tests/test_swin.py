@@ -1,22 +1,36 @@
 """Swin: window masks, relative positions, patch merging, presets, equality with timm, training end to end."""
 
+import io
 import json
 
 import pytest
 import torch
+from conftest import small_run, train_quietly
+from model_checks import (
+    assert_checkpointing_keeps_gradients,
+    assert_description_states_parameter_count,
+    assert_every_parameter_gets_a_gradient,
+)
 
 import vitcraft
-from model_checks import (assert_checkpointing_keeps_gradients, assert_description_states_parameter_count,
-                          assert_every_parameter_gets_a_gradient, train_tiny_run)
 from vitcraft import create_model
-from vitcraft.checkpoint import load_trained_model
 from vitcraft.cli import main
+from vitcraft.config import TrainConfig
 from vitcraft.model import count_parameters
 from vitcraft.registry import get_preset
-from vitcraft.train import TrainConfig, build_optimizer
-from vitcraft.variants.swin import (MASK_VALUE, PatchMerging, SwinBlock, SwinConfig, SwinForClassification,
-                                    relative_position_index, shifted_window_mask, window_partition,
-                                    window_reverse)
+from vitcraft.runs import load_trained_model
+from vitcraft.train import build_optimizer
+from vitcraft.variants.swin import (
+    MASK_VALUE,
+    PatchMerging,
+    SwinBlock,
+    SwinConfig,
+    SwinForClassification,
+    relative_position_index,
+    shifted_window_mask,
+    window_partition,
+    window_reverse,
+)
 
 SWIN_PRESETS = [name for name in vitcraft.list_models() if get_preset(name).config_class is SwinConfig]
 # a small Swin whose three stages cover every case: shifted windows on a 16x16 and an 8x8
@@ -258,7 +272,7 @@ def test_relative_position_tables_are_not_decayed():
 
 # --------------------------------------------------------------------------- config
 def test_config_round_trips_through_json():
-    config = SMALL.replace(extra={"note": "x"})
+    config = SMALL.replace(window_size=2)
     again = SwinConfig.from_dict(json.loads(json.dumps(config.to_dict())))  # tuples come back as lists
     assert again == config and again.depths == (2, 2, 1)
 
@@ -283,10 +297,12 @@ def test_bad_configs_fail_naming_the_field(changes, message):
 
 # --------------------------------------------------------------------------- training and the CLI
 @pytest.fixture(scope="module")
-def swin_run(tmp_path_factory):
+def swin_run(folder32, tmp_path_factory):
     # 4x4 patches: an 8x8 grid of 4x4 windows (shifted in the second block), then one 4x4 window
-    return train_tiny_run(tmp_path_factory.mktemp("swin"), "swin-tiny-32",
-                          {"embed_dim": 12, "depths": [2, 1], "num_heads": [1, 2], "patch_size": 4})
+    out, printed = tmp_path_factory.mktemp("swin") / "run", io.StringIO()
+    model = {"embed_dim": 12, "depths": [2, 1], "num_heads": [1, 2], "patch_size": 4}
+    train_quietly(small_run(folder32, out.parent, "swin-tiny-32", model, epochs=1), out, printed, figures=True)
+    return out, printed.getvalue()  # the figures' notes
 
 
 def test_training_runs_end_to_end_and_skips_the_cls_figures(swin_run):

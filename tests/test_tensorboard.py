@@ -4,22 +4,14 @@ import json
 import sys
 
 import pytest
+from conftest import small_run, train_quietly
 
 from vitcraft.cli import main
 from vitcraft.tensorboard_log import EPOCH_KEYS, TENSORBOARD_DIR, TensorBoardLog
-from vitcraft.train import DataConfig, RunConfig, TrainConfig, learning_rate_at, train
+from vitcraft.train import learning_rate_at
 
-QUIET = dict(progress=False, figures=False, log=lambda *_: None)
 TRAIN_IMAGES = 90  # the tiny dataset: 3 classes x 30 training images
-
-
-def tiny_run(folder, tmp_path, **train_overrides) -> RunConfig:
-    settings = dict(epochs=2, batch_size=16, eval_batch_size=32, learning_rate=3e-3, seed=1,
-                    schedule="cosine", warmup_steps=3)
-    settings.update(train_overrides)
-    return RunConfig(preset="seed-tiny", model={"hidden_size": 32, "intermediate_size": 64},
-                     train=TrainConfig(**settings),
-                     data=DataConfig(data=str(folder), cache_dir=str(tmp_path / "cache")))
+COSINE = dict(schedule="cosine", warmup_steps=3)  # a learning rate that changes at every step
 
 
 def read_scalars(run_dir) -> dict[str, dict[int, float]]:
@@ -41,8 +33,8 @@ def read_metrics(run_dir) -> list[dict]:
 
 def test_scalars_equal_metrics_and_schedule(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(TensorBoardLog, "step_every", 1)
-    run, out = tiny_run(tiny_folder, tmp_path), tmp_path / "run"
-    train(run, out, **QUIET)
+    run, out = small_run(tiny_folder, tmp_path, **COSINE), tmp_path / "run"
+    train_quietly(run, out, tensorboard=True)
     scalars = read_scalars(out)
     records = read_metrics(out)
     total_steps = records[-1]["step"]
@@ -67,20 +59,20 @@ def test_scalars_equal_metrics_and_schedule(tiny_folder, tmp_path, monkeypatch):
 def test_steps_are_logged_every_n(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(TensorBoardLog, "step_every", 4)
     out = tmp_path / "run"
-    train(tiny_run(tiny_folder, tmp_path), out, **QUIET)
+    train_quietly(small_run(tiny_folder, tmp_path), out, tensorboard=True)
     assert sorted(read_scalars(out)["step/loss"]) == [4, 8, 12]  # 12 steps in all
 
 
 def test_resume_replaces_the_stopped_runs_later_steps(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(TensorBoardLog, "step_every", 1)
     out = tmp_path / "run"
-    train(tiny_run(tiny_folder, tmp_path, epochs=1), out, **QUIET)
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=1), out, tensorboard=True)
     # the stopped run got two steps past its checkpoint (step 6) before it died
     stopped = TensorBoardLog(out)
     stopped.log_step(7, 99.0, 1.0)
     stopped.log_step(8, 99.0, 1.0)
     stopped.close()
-    train(tiny_run(tiny_folder, tmp_path, epochs=2), out, resume=True, **QUIET)
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=2), out, resume=True, tensorboard=True)
     scalars = read_scalars(out)
     records = read_metrics(out)
     assert sorted(scalars["step/loss"]) == list(range(1, 13))
@@ -90,12 +82,12 @@ def test_resume_replaces_the_stopped_runs_later_steps(tiny_folder, tmp_path, mon
 
 def test_overwrite_clears_event_files_but_keeps_user_files(tiny_folder, tmp_path):
     out = tmp_path / "run"
-    train(tiny_run(tiny_folder, tmp_path, epochs=1), out, **QUIET)
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=1), out, tensorboard=True)
     folder = out / TENSORBOARD_DIR
     old_events = set(folder.glob("events.out.tfevents.*"))
     assert old_events
     (folder / "notes.txt").write_text("mine")
-    train(tiny_run(tiny_folder, tmp_path, epochs=1, seed=2), out, overwrite=True, **QUIET)
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=1, seed=2), out, overwrite=True, tensorboard=True)
     new_events = set(folder.glob("events.out.tfevents.*"))
     assert len(new_events) == 1 and not new_events & old_events
     assert (folder / "notes.txt").read_text() == "mine"
@@ -118,5 +110,5 @@ def test_without_tensorboard_installed_logging_is_a_no_op(tiny_folder, tmp_path,
     board.log_epoch({"step": 10, "test_acc": 0.5})
     board.close()
     out = tmp_path / "run"
-    train(tiny_run(tiny_folder, tmp_path, epochs=1), out, **QUIET)
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=1), out, tensorboard=True)
     assert (out / "metrics.jsonl").is_file() and not (out / TENSORBOARD_DIR).exists()

@@ -1,22 +1,20 @@
+import inspect
 import json
 import math
+import sys
 
 import pytest
 import torch
+from conftest import small_run, train_quietly
 
 from vitcraft import create_model
-from vitcraft.checkpoint import load_state_checked, load_trained_model
+from vitcraft.config import TrainConfig
 from vitcraft.errors import VitcraftError
-from vitcraft.io import load_tensors
-from vitcraft.train import (DataConfig, RunConfig, TrainConfig, build_optimizer, learning_rate_at, train)
-
-
-def tiny_run(folder, tmp_path, **train_overrides) -> RunConfig:
-    settings = dict(epochs=2, batch_size=16, eval_batch_size=32, learning_rate=3e-3, seed=1)
-    settings.update(train_overrides)
-    return RunConfig(preset="seed-tiny", model={"hidden_size": 32, "intermediate_size": 64},
-                     train=TrainConfig(**settings),
-                     data=DataConfig(data=str(folder), cache_dir=str(tmp_path / "cache")))
+from vitcraft.files import load_tensors
+from vitcraft.runs import RunConfig, load_trained_model
+from vitcraft.state_dict import load_state_checked
+from vitcraft.tensorboard_log import TensorBoardLog
+from vitcraft.train import build_optimizer, learning_rate_at
 
 
 def test_learning_rate_schedule():
@@ -45,7 +43,7 @@ def test_weight_decay_only_on_weight_matrices():
 
 def test_training_learns_and_writes_a_complete_run(tiny_folder, tmp_path):
     out = tmp_path / "run"
-    last = train(tiny_run(tiny_folder, tmp_path, epochs=4), out, progress=False, figures=False, log=lambda *_: None)
+    last = train_quietly(small_run(tiny_folder, tmp_path, epochs=4), out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     for key in ("epoch", "train_loss", "test_loss", "test_acc", "test_top5", "lr", "epoch_seconds",
@@ -65,11 +63,10 @@ def test_training_learns_and_writes_a_complete_run(tiny_folder, tmp_path):
 
 
 def test_resume_after_stop_equals_uninterrupted_run(tiny_folder, tmp_path):
-    quiet = dict(progress=False, figures=False, log=lambda *_: None)
-    full = train(tiny_run(tiny_folder, tmp_path, epochs=3), tmp_path / "full", **quiet)
-    train(tiny_run(tiny_folder, tmp_path, epochs=1), tmp_path / "part", **quiet)
+    full = train_quietly(small_run(tiny_folder, tmp_path, epochs=3), tmp_path / "full")
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=1), tmp_path / "part")
     # continue the 1-epoch run to 3 epochs, as `vitcraft train --resume DIR --epochs 3`
-    resumed = train(tiny_run(tiny_folder, tmp_path, epochs=3), tmp_path / "part", resume=True, **quiet)
+    resumed = train_quietly(small_run(tiny_folder, tmp_path, epochs=3), tmp_path / "part", resume=True)
     for key in ("train_loss", "test_loss", "test_acc", "step"):
         assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
     a, _ = load_tensors(tmp_path / "full" / "model.safetensors")
@@ -81,33 +78,39 @@ def test_resume_after_stop_equals_uninterrupted_run(tiny_folder, tmp_path):
 
 
 def test_existing_run_is_never_overwritten_unless_asked(tiny_folder, tmp_path):
-    quiet = dict(progress=False, figures=False, log=lambda *_: None)
     out = tmp_path / "run"
-    train(tiny_run(tiny_folder, tmp_path, epochs=1), out, **quiet)
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=1), out)
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(VitcraftError, match="already holds a run .*--resume.*--overwrite"):
-        train(tiny_run(tiny_folder, tmp_path, epochs=1, seed=2), out, **quiet)
+        train_quietly(small_run(tiny_folder, tmp_path, epochs=1, seed=2), out)
     assert (out / "model.safetensors").read_bytes() == before
     (out / "notes.txt").write_text("mine")
-    train(tiny_run(tiny_folder, tmp_path, epochs=1, seed=2), out, overwrite=True, **quiet)
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=1, seed=2), out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() != before
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces only the run's own files
 
 
 def test_resume_without_checkpoint_is_refused(tmp_path, tiny_folder):
     with pytest.raises(VitcraftError, match="holds no checkpoint"):
-        train(tiny_run(tiny_folder, tmp_path), tmp_path / "empty", resume=True, progress=False, figures=False)
+        train_quietly(small_run(tiny_folder, tmp_path), tmp_path / "empty", resume=True)
 
 
-def test_diverging_loss_stops_with_a_clear_message(tiny_folder, tmp_path):
-    run = tiny_run(tiny_folder, tmp_path, epochs=3, learning_rate=1e30)
-    with pytest.raises(VitcraftError, match="training diverged"):
-        train(run, tmp_path / "nan", progress=False, figures=False, log=lambda *_: None)
+def test_diverging_loss_stops_with_a_clear_message(tiny_folder, tmp_path, monkeypatch):
+    run = small_run(tiny_folder, tmp_path, epochs=3, learning_rate=1e30)  # step 1's update breaks the weights
+    advice = (r"training diverged\. Try a lower --lr, --grad-clip 1\.0 or --precision fp32; "
+              r"the last good checkpoint in .* is kept \(--resume continues from it\)")
+    # the loss is read every step_every steps and at the end of an epoch: it names the steps in between
+    with pytest.raises(VitcraftError, match=r"the loss became nan between steps 1 and 6 \(epoch 1\): " + advice):
+        train_quietly(run, tmp_path / "nan")  # 6 steps per epoch, fewer than step_every
+    monkeypatch.setattr(TensorBoardLog, "step_every", 1)
+    with pytest.raises(VitcraftError, match=r"the loss became nan at step 2 \(epoch 1\): " + advice):
+        train_quietly(run, tmp_path / "nan-every-step")
 
 
 def test_checkpoint_of_another_shape_names_the_tensor():
     small, big = create_model("seed-tiny"), create_model("seed-tiny", hidden_size=64)
-    with pytest.raises(VitcraftError, match=r"'embedding.cls_token' of shape \(1, 1, 64\), but this model's is \(1, 1, 48\)"):
+    with pytest.raises(VitcraftError,
+                       match=r"'embedding.cls_token' of shape \(1, 1, 64\), but this model's is \(1, 1, 48\)"):
         load_state_checked(small, big.state_dict(), "other.safetensors")
 
 
@@ -121,14 +124,13 @@ def test_bad_recipe_values_are_refused():
 
 
 def test_resume_after_a_kill_between_checkpoint_and_weights_repairs_the_weights(tiny_folder, tmp_path):
-    quiet = dict(progress=False, figures=False, log=lambda *_: None, tensorboard=False)
     out = tmp_path / "run"
-    train(tiny_run(tiny_folder, tmp_path, epochs=1), out, **quiet)
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=1), out)
     stale = (out / "model.safetensors").read_bytes()
-    train(tiny_run(tiny_folder, tmp_path, epochs=2), out, resume=True, **quiet)
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=2), out, resume=True)
     # as if killed after the last checkpoint was written but before model.safetensors was
     (out / "model.safetensors").write_bytes(stale)
-    train(tiny_run(tiny_folder, tmp_path, epochs=2), out, resume=True, **quiet)  # nothing left to train
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=2), out, resume=True)  # nothing left to train
     weights, _ = load_tensors(out / "model.safetensors")
     checkpoint, _ = load_tensors(out / "checkpoint.safetensors")
     for key, value in weights.items():
@@ -140,10 +142,77 @@ def test_grayscale_28px_data_trains_without_config_edits(tmp_path):
 
     folder = write_folder_dataset(tmp_path / "gray", per_class=(8, 2), size=28, mode="L")
     out = tmp_path / "run"
-    last = train(tiny_run(folder, tmp_path, epochs=1), out, progress=False, figures=True,
-                 log=lambda *_: None, tensorboard=False)
+    last = train_quietly(small_run(folder, tmp_path, epochs=1), out, figures=True)
     config = json.loads((out / "config.json").read_text())["model_config"]
     assert (config["image_size"], config["num_channels"], config["num_classes"]) == (28, 1, 3)
     assert 0 <= last["test_acc"] <= 1 and (out / "attention.png").is_file()
     model, _ = load_trained_model(out)
     assert model(torch.zeros(2, 1, 28, 28))[0].shape == (2, 3)
+
+
+def count_device_reads(monkeypatch) -> list[str]:
+    """The modules of vitcraft's own calls of Tensor.item / Tensor.tolist, appended as they happen.
+
+    On a GPU each such call waits for all queued work. Calls from torch's code (AdamW
+    reads its step counters, kept on the CPU) are not counted.
+    """
+    calls = []
+
+    def counting(original):
+        def counted(self, *args):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("vitcraft"):
+                calls.append(caller)
+            return original(self, *args)
+        return counted
+
+    for name in ("item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    return calls
+
+
+def test_values_are_read_from_the_device_per_interval_not_per_step_or_batch(tiny_folder, tmp_path, monkeypatch):
+    calls = count_device_reads(monkeypatch)
+    monkeypatch.setattr(TensorBoardLog, "step_every", 1000)  # more than any run here has steps
+    reads = {}
+    # 6 steps and 1 evaluation batch, then 12 steps and 6 evaluation batches
+    for batch_size, eval_batch_size in ((16, 24), (8, 4)):
+        calls.clear()
+        train_quietly(small_run(tiny_folder, tmp_path, epochs=1, batch_size=batch_size,
+                                eval_batch_size=eval_batch_size), tmp_path / f"b{batch_size}")
+        reads[batch_size] = len(calls)
+    assert reads[16] == reads[8] == 2  # the epoch's sums, the evaluation's sums
+    monkeypatch.setattr(TensorBoardLog, "step_every", 2)
+    calls.clear()
+    train_quietly(small_run(tiny_folder, tmp_path, epochs=1, batch_size=8, eval_batch_size=4), tmp_path / "every2")
+    assert len(calls) == reads[8] + 12 // 2  # one read per interval
+
+
+def test_evaluate_equals_a_direct_computation(tiny_folder, tmp_path):
+    from vitcraft.augment import Normalization
+    from vitcraft.data import load_splits
+    from vitcraft.train import evaluate
+
+    _, test_set = load_splits(str(tiny_folder), cache_dir=tmp_path / "cache")
+    torch.manual_seed(0)
+    model = create_model("seed-tiny", image_size=8, num_classes=3, hidden_size=32, intermediate_size=64).eval()
+    normalization = Normalization.for_channels(3)
+    result = evaluate(model, test_set, normalization, torch.device("cpu"), None, 5)  # batches of 5, 5, ... 4
+    with torch.no_grad():
+        logits = model(normalization(test_set.images))[0]
+    labels = test_set.labels
+    predictions = logits.argmax(1)
+    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert result["acc"] == pytest.approx((predictions == labels).double().mean().item())
+    assert result["top5"] == 1.0  # 3 classes
+    assert result["per_class_acc"] == pytest.approx(
+        [(predictions[labels == k] == k).double().mean().item() for k in range(3)])
+    assert torch.equal(result["predictions"], predictions)
+
+
+def test_eval_batch_size_has_one_default():
+    from vitcraft.plots import predict_all
+    from vitcraft.train import evaluate
+
+    for function in (evaluate, predict_all):
+        assert inspect.signature(function).parameters["batch_size"].default == TrainConfig.eval_batch_size

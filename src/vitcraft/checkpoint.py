@@ -1,12 +1,9 @@
-"""Checkpoints that describe themselves, written atomically, read without unpickling.
+"""The training checkpoint of a run: everything ``--resume`` needs, in one safetensors file.
 
-A run directory holds:
-- ``model.safetensors`` + ``model.json``: the weights and what is needed to use
-  them (model config, class names, normalisation): what eval/predict/viz load;
-- ``checkpoint.safetensors``: everything to resume (model, optimizer state, RNG
-  states, epoch, step, metrics so far) in one file, so one atomic rename
-  publishes a consistent state.
-Loading converts and checks in one place: a shape mismatch names the tensor.
+``checkpoint.safetensors`` holds the model, the optimizer state, the RNG
+states, epoch, step and metrics so far, so one atomic rename publishes a
+consistent state; it is read without unpickling. (The weights that eval,
+predict and viz load are ``model.safetensors`` + ``model.json``: runs.py.)
 """
 
 from __future__ import annotations
@@ -19,63 +16,10 @@ import torch
 from torch import nn
 
 from vitcraft.errors import VitcraftError
-from vitcraft.io import atomic_write_json, load_tensors, read_json, save_tensors_atomic
+from vitcraft.files import load_tensors, save_tensors_atomic
+from vitcraft.state_dict import load_state_checked, unwrap
 
-MODEL_FILE = "model.safetensors"
-MODEL_META_FILE = "model.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel (or torch.compile) wrapper."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor],
-                       source: Path | str = "the state dict") -> nn.Module:
-    """A strict load_state_dict that fails with one clear sentence naming ``source`` and the key.
-
-    Either attention layout loads (the attention modules' load hooks convert
-    fused and per-head weights). Raises VitcraftError for the first
-    mis-shaped, missing or unexpected tensor. Returns the model.
-    """
-    for key, own in model.state_dict().items():  # in the model's order: the first layer that differs
-        if key in state and tuple(own.shape) != tuple(state[key].shape):
-            raise VitcraftError(f"{source} has {key!r} of shape {tuple(state[key].shape)}, but this model's is "
-                                f"{tuple(own.shape)}; the weights are from a differently shaped model")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # a shape mismatch that only shows after layout conversion
-        raise VitcraftError(f"{source} does not fit this model: {str(error).splitlines()[-1].strip()}") from None
-    if result.missing_keys:
-        raise VitcraftError(f"{source} has no weight {result.missing_keys[0]!r}, which this model needs")
-    if result.unexpected_keys:
-        raise VitcraftError(f"{source} has a weight {result.unexpected_keys[0]!r} that this model does not have")
-    return model
-
-
-# ------------------------------------------------------------------ weights
-def save_model(run_dir: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    """Weights to model.safetensors and their description to model.json (both atomic)."""
-    run_dir = Path(run_dir)
-    save_tensors_atomic(run_dir / MODEL_FILE, unwrap(model).state_dict(), {"vitcraft": json.dumps(metadata)})
-    atomic_write_json(run_dir / MODEL_META_FILE, metadata)
-
-
-def read_model_metadata(run_dir: Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise VitcraftError(f"run directory {run_dir} does not exist")
-    if not (run_dir / MODEL_META_FILE).is_file():
-        raise VitcraftError(f"{run_dir} holds no trained model ({MODEL_META_FILE} is missing); "
-                            f"train one with `vitcraft train --out {run_dir}`")
-    return read_json(run_dir / MODEL_META_FILE)
-
-
-def load_model_weights(run_dir: Path, model: nn.Module) -> None:
-    state, _ = load_tensors(Path(run_dir) / MODEL_FILE)
-    load_state_checked(model, state, Path(run_dir) / MODEL_FILE)
 
 
 # ---------------------------------------------------------- training state
@@ -141,22 +85,3 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     return progress
-
-
-def load_trained_model(run_dir: Path | str, device: torch.device | str = "cpu"):
-    """(model in eval mode, metadata) of a run directory's model.safetensors + model.json.
-
-    The metadata holds model_config, class_names, mean and std.
-    """
-    from vitcraft.registry import get_preset
-
-    run_dir = Path(run_dir)
-    metadata = read_model_metadata(run_dir)
-    preset = get_preset(metadata.get("preset", "seed-tiny"))
-    try:
-        config = preset.config_class.from_dict(metadata["model_config"])
-    except (KeyError, ValueError) as error:
-        raise VitcraftError(f"{run_dir / MODEL_META_FILE} holds no valid model_config: {error}") from None
-    model = preset.builder(config)
-    load_model_weights(run_dir, model)
-    return model.to(device).eval(), metadata

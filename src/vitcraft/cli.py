@@ -7,96 +7,149 @@ ends with one ``vitcraft: error: ...`` line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+from vitcraft.config import DataConfig, TrainConfig, default_of
 from vitcraft.errors import VitcraftError
 
-# flag -> (section, key) of the run config; a flag left unset keeps the config file's or default value
-TRAIN_FLAGS = {
-    "epochs": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,
-    "schedule": str, "min_lr": float, "max_steps": int, "label_smoothing": float, "grad_clip": float,
-    "seed": int, "precision": str, "device": str, "threads": int, "eval_batch_size": int,
-    "auto_augment": str, "random_erasing": float, "mixup_alpha": float, "cutmix_alpha": float, "mix_prob": float,
-    "teacher": str, "distillation": str, "distill_alpha": float, "distill_tau": float, "progressive_sizes": list,
-}
-TRAIN_KEYS = {"lr": "learning_rate", "threads": "num_threads"}
-DATA_FLAGS = {"data": str, "data_root": str, "image_size": int, "cache_dir": str}
 EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}  # --format -> default file in the run dir
+# what `train --resume` takes: it continues a run with the settings the run was started with, trained longer
+RESUME_FLAGS = ("resume", "epochs", "no_figures", "no_tensorboard")
+DATA_SOURCE_FIELDS = ("data", "data_root", "image_size", "cache_dir")  # the DataConfig flags of eval and viz
+METAVARS = {int: "N", float: "X"}
 
 
-def _add_data_flags(parser: argparse.ArgumentParser, default_note: str) -> None:
-    parser.add_argument("--data", help=f"torchvision dataset name (cifar10, cifar100, mnist, fashion-mnist, svhn) "
-                                       f"or an ImageFolder folder with train/ and test/ {default_note}")
-    parser.add_argument("--data-root", help="where torchvision datasets are downloaded")
-    parser.add_argument("--image-size", type=int, help="resize images to this square size")
-    parser.add_argument("--cache-dir", help="cache of decoded image folders (default ~/.cache/vitcraft)")
+# ------------------------------------------------------- flags from config fields
+def flag_name(spec: dataclasses.Field) -> str:
+    """The command-line flag of a config field: ``--batch-size`` for batch_size, unless it names its own."""
+    return "--" + (spec.metadata.get("flag") or spec.name.replace("_", "-"))
+
+
+def _shown(value: Any) -> str:
+    """A default as a user types it on the command line."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def _flag_help(spec: dataclasses.Field, default: Any, default_note: str | None) -> str:
+    shown = default_note or (spec.metadata.get("none_means") if default is None else _shown(default))
+    text = spec.metadata["help"] + (f" (default: {shown})" if shown else "")
+    if spec.metadata.get("flag"):  # a --config file names the field
+        text += f"; {spec.name} in a --config file"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _list_parser(item: type):
+    """'16,24,32' -> [16, 24, 32]; argparse reports the error with the flag's name."""
+    example, kind = ("16,24,32", "integers") if item is int else ("0.8,1.0", "numbers")
+
+    def parse(text: str) -> list:
+        try:
+            return [item(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind} separated by commas, such as {example}; "
+                                             f"got {text!r}") from None
+    return parse
+
+
+def _parsing(spec: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """add_argument's type, choices, action and metavar for a field annotated ``hint``."""
+    kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]  # X | None -> X
+    kind, metavar = kinds[0], spec.metadata.get("metavar")
+    if len(kinds) != 1:
+        raise TypeError(f"no command-line flag for {spec.name}: {hint}")
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}  # --x / --no-x, so a flag can undo a --config file
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return {"type": _list_parser(item), "metavar": metavar or f"{METAVARS[item]},{METAVARS[item]},..."}
+    if spec.metadata.get("choices"):
+        return {"choices": spec.metadata["choices"]}
+    if kind not in (int, float, str):
+        raise TypeError(f"no command-line flag for {spec.name}: {hint}")
+    return {"type": kind, "metavar": metavar or METAVARS.get(kind)}
+
+
+def add_setting_flag(parser, cls: type, name: str, flag: str | None = None, default_note: str | None = None,
+                     use_default: bool = False) -> None:
+    """A flag setting field ``name`` of config dataclass ``cls``, with the field's help, type and choices.
+
+    The parsed value lands in ``args.<name>``. It is None when the flag is not given, so that a --config file's
+    value or the field's default stays, unless ``use_default``: then the field's default is the flag's.
+    ``default_note`` replaces the default shown in the help (where the default is not the field's).
+    """
+    spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+    default = default_of(cls, name)
+    parser.add_argument(f"--{flag}" if flag else flag_name(spec), dest=name, default=default if use_default else None,
+                        help=_flag_help(spec, default, default_note),
+                        **_parsing(spec, typing.get_type_hints(cls)[name]))
+
+
+def add_setting_flags(parser, cls: type, names: tuple[str, ...] | None = None,
+                      default_note: str | None = None) -> None:
+    """A flag per field of ``cls`` (or of those in ``names``), see add_setting_flag."""
+    for spec in dataclasses.fields(cls):
+        if names is None or spec.name in names:
+            add_setting_flag(parser, cls, spec.name, default_note=default_note)
+
+
+def settings_given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` whose flags were given, by field name."""
+    return {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(cls)
+            if getattr(args, spec.name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vitcraft.runs import RunConfig  # the --preset flag; runs.py imports torch, which the CLI needs anyway
+
     parser = argparse.ArgumentParser(prog="vitcraft", description="Build, train and look inside Vision Transformers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("train", help="train a model (default: the seed tutorial's run on CIFAR-10)")
-    _add_data_flags(p, "(default cifar10)")
-    p.add_argument("--preset", help="model preset (see list-models; default seed-tiny)")
-    p.add_argument("--config", help="YAML or JSON file with sections preset, model, train, data")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config field, e.g. --model-arg hidden_size=64 (repeatable)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--schedule", choices=["constant", "cosine"])
-    p.add_argument("--min-lr", type=float)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--grad-checkpointing", action="store_true", default=None)
-    p.add_argument("--no-augment", action="store_true", help="no flip and no random crop")
-    p.add_argument("--auto-augment", choices=["randaugment", "trivialaugment"],
-                   help="a random augmentation policy per image (default: none, as the tutorial)")
-    p.add_argument("--random-erasing", type=float, metavar="P", help="erase a random box of each image with "
-                                                                     "probability P (DeiT: 0.25)")
-    p.add_argument("--mixup-alpha", type=float, metavar="ALPHA", help="MixUp with Beta(ALPHA, ALPHA) (DeiT: 0.8)")
-    p.add_argument("--cutmix-alpha", type=float, metavar="ALPHA", help="CutMix with Beta(ALPHA, ALPHA) (DeiT: 1.0)")
-    p.add_argument("--mix-prob", type=float, metavar="P", help="probability that a batch is mixed (default 1)")
-    p.add_argument("--teacher", metavar="RUN_DIR", help="distil from the model trained in RUN_DIR (DeiT; the "
-                                                        "student is best a deit-* preset)")
-    p.add_argument("--distillation", choices=["hard", "soft"], help="hard (default): the teacher's top class; "
-                                                                    "soft: its distribution")
-    p.add_argument("--distill-alpha", type=float, help="weight of the teacher's loss (default 0.5)")
-    p.add_argument("--distill-tau", type=float, help="temperature of soft distillation (default 1)")
-    p.add_argument("--progressive-sizes", type=_int_list, metavar="N,N,...",
-                   help="train at these image sizes in turn, epochs split evenly, e.g. 16,24,32")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run in --out")
-    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    p.add_argument("--no-tensorboard", action="store_true",
-                   help="do not log scalars to RUN_DIR/tensorboard (logged only if tensorboard is installed)")
+    p = commands.add_parser("train", help="train a model (default: the seed tutorial's run on CIFAR-10)",
+                            description="Train a model and write its run directory. A flag left out keeps the "
+                                        "--config file's value, else the default shown.")
+    run = p.add_argument_group("run")
+    run.add_argument("--config", metavar="FILE", help="YAML or JSON file with the sections preset, model, train "
+                                                      "and data; keys are the flags' names with underscores")
+    run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<preset>-<time>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint, with its "
+                                                         "own settings; only --epochs may change")
+    run.add_argument("--overwrite", action="store_true", help="replace the files of an existing run in --out")
+    run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    run.add_argument("--no-tensorboard", action="store_true",
+                     help="do not log scalars to RUN_DIR/tensorboard (logged only if tensorboard is installed)")
+    model = p.add_argument_group("model")
+    add_setting_flag(model, RunConfig, "preset")
+    model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a model config field, e.g. --model-arg hidden_size=64 (repeatable)")
+    recipe = p.add_argument_group("recipe (the train section of --config)")
+    add_setting_flags(recipe, TrainConfig)
+    recipe.add_argument("--no-augment", action="store_true", help="no flip and no random crop "
+                                                                  "(flip_p 0, crop_scale null)")
+    add_setting_flags(p.add_argument_group("data (the data section of --config)"), DataConfig)
     p.set_defaults(handler=cmd_train)
 
     p = commands.add_parser("eval", help="test loss, top-1/top-5 and per-class accuracy of a run")
     p.add_argument("run_dir")
-    _add_data_flags(p, "(default: the run's own data)")
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--device", default="auto")
+    add_setting_flags(p, DataConfig, DATA_SOURCE_FIELDS, default_note="the run's")
+    add_setting_flag(p, TrainConfig, "eval_batch_size", flag="batch-size", use_default=True)
+    add_setting_flag(p, TrainConfig, "device", use_default=True)
     p.set_defaults(handler=cmd_eval)
 
     p = commands.add_parser("predict", help="top-k classes of image files")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--device", default="auto")
+    add_setting_flag(p, TrainConfig, "device", use_default=True)
     p.set_defaults(handler=cmd_predict)
 
     p = commands.add_parser("viz", help="attention overlays for image files or test images")
@@ -106,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=-1, help="block index for --method cls (default: last)")
     p.add_argument("--head", default="mean", help="head index or mean (default)")
     p.add_argument("--out", help="output PNG (default RUN_DIR/viz-<method>.png)")
-    _add_data_flags(p, "(default: the run's own data)")
+    add_setting_flags(p, DataConfig, DATA_SOURCE_FIELDS, default_note="the run's")
     p.set_defaults(handler=cmd_viz)
 
     p = commands.add_parser("report", help="write RUN_DIR/report.html, one self-contained page")
@@ -119,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory, or a model folder written by vitcraft.hub.save_pretrained")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
-    p.add_argument("--device", default="auto")
+    add_setting_flag(p, TrainConfig, "device", use_default=True)
     p.set_defaults(handler=cmd_serve)
 
     p = commands.add_parser("export", help="write a run's model as ONNX or TorchScript, for inference elsewhere")
@@ -135,15 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -------------------------------------------------------------------- train
-def _int_list(text: str) -> list[int]:
-    """'16,24,32' -> [16, 24, 32]; argparse reports the error with the flag's name."""
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, such as 16,24,32; "
-                                         f"got {text!r}") from None
-
-
 def _parse_model_args(pairs: list[str]) -> dict:
     overrides = {}
     for pair in pairs:
@@ -158,34 +202,41 @@ def _parse_model_args(pairs: list[str]) -> dict:
 
 
 def run_config_from_args(args: argparse.Namespace):
-    from vitcraft.train import RunConfig, load_run_config_file
+    from vitcraft.runs import RunConfig, load_run_config_file
 
     values = load_run_config_file(args.config) if args.config else {}
-    values = {"preset": values.get("preset", "seed-tiny"), "model": dict(values.get("model") or {}),
-              "train": dict(values.get("train") or {}), "data": dict(values.get("data") or {})}
-    if args.preset:
-        values["preset"] = args.preset
-    values["model"].update(_parse_model_args(args.model_arg))
-    for flag in TRAIN_FLAGS:
-        if getattr(args, flag) is not None:
-            values["train"][TRAIN_KEYS.get(flag, flag)] = getattr(args, flag)
-    if args.grad_checkpointing:
-        values["train"]["grad_checkpointing"] = True
+    values = {"preset": args.preset or values.get("preset", default_of(RunConfig, "preset")),
+              "model": {**(values.get("model") or {}), **_parse_model_args(args.model_arg)},
+              "train": {**(values.get("train") or {}), **settings_given(args, TrainConfig)},
+              "data": {**(values.get("data") or {}), **settings_given(args, DataConfig)}}
     if args.no_augment:
+        if args.flip_p is not None or args.crop_scale is not None:
+            raise VitcraftError("--no-augment turns the flip and the crop off; leave out --flip-p and --crop-scale "
+                                "with it")
         values["train"].update(flip_p=0.0, crop_scale=None)
     if not values["train"].get("teacher") and {"distillation", "distill_alpha", "distill_tau"} & set(values["train"]):
         raise VitcraftError("distillation settings (--distillation, --distill-alpha, --distill-tau) need a "
                             "teacher: --teacher RUN_DIR")
-    for flag in DATA_FLAGS:
-        if getattr(args, flag) is not None:
-            values["data"][flag] = getattr(args, flag)
     return RunConfig.from_dict(values)
 
 
+def flags_resume_ignores(args: argparse.Namespace) -> list[str]:
+    """The flags given with `train --resume` that would not change the resumed run, as typed."""
+    defaults = vars(build_parser().parse_args(["train"]))
+    names = {spec.name: flag_name(spec) for cls in (TrainConfig, DataConfig) for spec in dataclasses.fields(cls)}
+    return [names.get(dest, "--" + dest.replace("_", "-")) for dest, value in vars(args).items()
+            if dest not in RESUME_FLAGS and value != defaults[dest]]
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    from vitcraft.train import Distributed, load_run_config, train
+    from vitcraft.runs import load_run_config
+    from vitcraft.train import Distributed, train
 
     if args.resume:
+        ignored = flags_resume_ignores(args)
+        if ignored:
+            raise VitcraftError(f"--resume continues {args.resume} with the settings it was started with, so it "
+                                f"does not take {', '.join(ignored)}; only --epochs may change (to train longer)")
         out = Path(args.resume)
         run = load_run_config(out)
         if args.epochs is not None:  # the one thing a resumed run may change: train longer
@@ -204,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _run_test_set(run_dir: Path, args: argparse.Namespace, metadata: dict):
     """The test split a run was trained on, or the one --data names, at the model's image size or --image-size."""
     from vitcraft.data import load_splits
-    from vitcraft.train import RUN_CONFIG_FILE, DataConfig, load_run_config
+    from vitcraft.runs import RUN_CONFIG_FILE, load_run_config
 
     # a hub-style model folder has no run config: then --data must say which data
     saved = load_run_config(run_dir).data if (run_dir / RUN_CONFIG_FILE).is_file() else DataConfig(data="")
@@ -253,7 +304,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     names = metadata["class_names"]
     if len(test_set.class_names) != len(names):
         raise VitcraftError(f"the data has {len(test_set.class_names)} classes but the model {len(names)}")
-    result = evaluate(model, test_set, normalization, device, autocast_dtype(device, "fp32"), args.batch_size,
+    result = evaluate(model, test_set, normalization, device, autocast_dtype(device, "fp32"), args.eval_batch_size,
                       progress=True)
     print(f"test images  {len(test_set)}")
     print(f"test loss    {result['loss']:.4f}")
@@ -276,9 +327,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_viz(args: argparse.Namespace) -> None:
-    from vitcraft.figures import (POOLING_TITLE, attention_map_kind, draw_overlays, overlay_examples,
-                                  unavailable_map_reason)
+    from vitcraft.attention_maps import POOLING_TITLE, attention_map_kind, unavailable_map_reason
     from vitcraft.inference import read_images
+    from vitcraft.plots import draw_overlays, overlay_examples
 
     model, metadata, normalization, _ = _load(args.run_dir, "cpu")
     if unavailable_map_reason(model, args.method):  # e.g. Swin: no [CLS] token; say so before loading data
@@ -325,7 +376,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from vitcraft import export
-    from vitcraft.checkpoint import load_trained_model
+    from vitcraft.runs import load_trained_model
 
     out = Path(args.out) if args.out else Path(args.run_dir) / EXPORT_FILES[args.format]
     if out.exists() and not args.overwrite:

@@ -1,8 +1,12 @@
-"""The model configuration: one typed dataclass, validated in one place.
+"""The configurations: the model's (``ViTConfig``), the recipe's (``TrainConfig``) and the data's (``DataConfig``).
 
-The field names are the seed tutorial's config keys, so the tutorial's plain
-dict works as it is (``ViTConfig.from_dict(config)``), plus the few choices the
+Each is a typed dataclass whose ``validate`` is made of the ``check_*``
+helpers here, which the variants' model configs use too. ViTConfig's field
+names are the seed tutorial's config keys, so the tutorial's plain dict works
+as it is (``ViTConfig.from_dict(config)``), plus the few choices the
 ecosystem's ViTs (timm, Hugging Face) need for exact weight interop.
+TrainConfig's and DataConfig's fields carry their help text (``setting``):
+the ``vitcraft train`` flags are built from them.
 """
 
 from __future__ import annotations
@@ -16,10 +20,38 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from vitcraft.errors import VitcraftError
+
 ATTENTION_BACKENDS = ("per_head", "fused", "sdpa")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTO_AUGMENTS = ("randaugment", "trivialaugment")
+DISTILLATIONS = ("hard", "soft")
 HIDDEN_ACTS = ("gelu_tanh", "gelu")
 POOLINGS = ("cls", "mean")
 MAX_SIZE = 2**31  # sizes must fit a 32-bit index, which some kernels use; larger is always a mistake
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+            metavar: str | None = None, none_means: str | None = None) -> Any:
+    """A dataclass field carrying what its ``vitcraft train`` flag needs (the CLI builds the flag from it).
+
+    ``help``: what the setting does (the flag's help; the default is added to it);
+    ``flag``: the flag's name when it is not the field's (``lr`` for learning_rate);
+    ``choices``: the values a string setting takes (the CLI offers them; ``validate`` checks them);
+    ``metavar``: the flag's placeholder when the type's (N, X, ...) says too little;
+    ``none_means``: what the setting does when it is None (unset), for the help.
+    """
+    metadata = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "none_means": none_means}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (a fresh copy for a list)."""
+    spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
 
 
 class DictConfig:
@@ -37,8 +69,11 @@ class DictConfig:
             return values
         if not isinstance(values, Mapping):
             raise ValueError(f"a model config must be a dict, got {type(values).__name__}")
+        values = dict(values)
+        if values.get("extra") == {}:  # a field of older versions that nothing read, in their model.json files
+            del values["extra"]
         check_keys(values, cls.field_names(), what="model config key")
-        return cls(**dict(values))
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,7 +119,6 @@ class ViTConfig(DictConfig):
     final_layernorm: bool = False  # LayerNorm before the classifier (timm and HF have one, the seed none)
     layer_norm_eps: float = 1e-5  # torch's default; timm uses 1e-6, HF 1e-12
     pooling: str = "cls"  # "cls": classify the [CLS] output; "mean": the mean of the patch outputs
-    extra: dict = field(default_factory=dict, repr=False)  # free-form metadata kept with the config
 
     def __post_init__(self) -> None:
         if self.attention_backend is None:
@@ -94,21 +128,10 @@ class ViTConfig(DictConfig):
     # ----------------------------------------------------------------- checks
     def validate(self) -> None:
         """Raise one ValueError naming the first bad field."""
-        for name in ("image_size", "patch_size", "num_channels", "num_classes", "hidden_size",
-                     "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-            if value >= MAX_SIZE:
-                raise ValueError(f"{name} must be below 2**31, got {value!r}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        for name in ("initializer_range", "layer_norm_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        check_positive_ints(self, ("image_size", "patch_size", "num_channels", "num_classes", "hidden_size",
+                                   "num_hidden_layers", "num_attention_heads", "intermediate_size"))
+        check_fractions(self, ("hidden_dropout_prob", "attention_probs_dropout_prob"))
+        check_positive_numbers(self, ("initializer_range", "layer_norm_eps"))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -116,12 +139,10 @@ class ViTConfig(DictConfig):
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
-        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        _check_choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
-        _check_choice("pooling", self.pooling, POOLINGS)
-        for name in ("qkv_bias", "use_faster_attention", "final_layernorm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_choice(self, "attention_backend", ATTENTION_BACKENDS)
+        check_choice(self, "hidden_act", HIDDEN_ACTS)
+        check_choice(self, "pooling", POOLINGS)
+        check_bools(self, ("qkv_bias", "use_faster_attention", "final_layernorm"))
 
     # ------------------------------------------------------------- derived
     @property
@@ -141,9 +162,193 @@ class ViTConfig(DictConfig):
         return super().replace(**changes)
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+@dataclass
+class TrainConfig:
+    """The optimisation recipe. Defaults are the seed tutorial's.
+
+    Each field is a ``vitcraft train`` flag (``--batch-size`` for batch_size)
+    and a key of a --config file's train section; its help text is the flag's.
+    """
+
+    epochs: int = setting(15, "passes over the training set")
+    batch_size: int = setting(256, "images per step, split across ranks under torchrun")
+    learning_rate: float = setting(1e-3, "peak learning rate of AdamW", flag="lr")
+    weight_decay: float = setting(1e-2, "AdamW's decay, on weight matrices only: not on biases, norms, [CLS] "
+                                        "or positions")
+    schedule: str = setting("constant", "learning rate after the warmup: constant (the tutorial's) or cosine decay "
+                                        "to min_lr", choices=SCHEDULES)
+    warmup_steps: int = setting(0, "linear warmup from ~0 to the learning rate over this many steps")
+    min_lr: float = setting(0.0, "where the cosine schedule ends")
+    max_steps: int | None = setting(None, "stop after this many steps in all; the schedule ends there too",
+                                    none_means="the end of the last epoch")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy loss")
+    grad_clip: float | None = setting(None, "clip the global gradient norm to this", none_means="off")
+    seed: int = setting(0, "seed of the initialisation, the data order and the augmentation")
+    precision: str = setting("auto", "autocast precision; auto picks one per device (see device.autocast_dtype)",
+                             choices=PRECISIONS)
+    grad_checkpointing: bool = setting(False, "recompute each block in the backward pass, to save memory")
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    # small enough for malloc to reuse its activations (device.keep_freed_memory)
+    eval_batch_size: int = setting(500, "images per forward pass when evaluating")
+    flip_p: float = setting(0.5, "probability of a random horizontal flip; 0: off")
+    crop_scale: list[float] | None = setting([0.8, 1.0], "area range of the random resized crop, as fractions of "
+                                                         "the image; null in a --config file (or --no-augment): "
+                                                         "no crop", metavar="LOW,HIGH")
+    num_threads: int | None = setting(None, "CPU threads", flag="threads",
+                                      none_means="all available cores, split across local ranks")
+    # stronger augmentation (deit_augment.py), all off in the seed's recipe; DeiT's: randaugment,
+    # random_erasing 0.25, mixup_alpha 0.8, cutmix_alpha 1.0, label_smoothing 0.1
+    auto_augment: str | None = setting(None, "a random augmentation policy, one draw per image",
+                                       choices=AUTO_AUGMENTS, none_means="off")
+    random_erasing: float = setting(0.0, "probability of replacing a random box of each image by noise",
+                                    metavar="P")
+    mixup_alpha: float = setting(0.0, "MixUp of image pairs with lam ~ Beta(ALPHA, ALPHA); 0: off",
+                                 metavar="ALPHA")
+    cutmix_alpha: float = setting(0.0, "CutMix (a pasted box) with lam ~ Beta(ALPHA, ALPHA); 0: off",
+                                  metavar="ALPHA")
+    mix_prob: float = setting(1.0, "probability that a batch is mixed when MixUp or CutMix is on", metavar="P")
+    # distillation (distill.py)
+    teacher: str | None = setting(None, "distil from the model trained in this run directory, as DeiT; the "
+                                        "student is best a deit-* preset", metavar="RUN_DIR", none_means="none")
+    distillation: str = setting("hard", "hard: the teacher's top class; soft: its distribution at distill_tau",
+                                choices=DISTILLATIONS)
+    distill_alpha: float = setting(0.5, "weight of the teacher's loss; the labels' loss gets 1 - alpha")
+    distill_tau: float = setting(1.0, "temperature of soft distillation")
+    # progressive resizing (resize.py)
+    progressive_sizes: list[int] | None = setting(
+        None, "train at these image sizes in turn, the epochs split evenly, e.g. 16,24,32; evaluation and the "
+              "saved model stay at the data's size", none_means="off")
+
+    def __post_init__(self) -> None:
+        _validate_settings(self, what="train setting")
+
+    def validate(self) -> None:
+        """Raise one ValueError naming the first bad field (a VitcraftError when built)."""
+        check_positive_ints(self, ("epochs", "batch_size", "eval_batch_size"))
+        check_positive_ints(self, ("max_steps", "num_threads"), optional=True)
+        check_positive_numbers(self, ("learning_rate", "distill_tau"))
+        check_positive_numbers(self, ("grad_clip",), optional=True)
+        check_non_negative(self, ("weight_decay", "warmup_steps", "min_lr"))
+        check_non_negative(self, ("mixup_alpha", "cutmix_alpha"), zero_means="off")
+        check_fractions(self, ("label_smoothing",))
+        check_probabilities(self, ("flip_p", "random_erasing", "mix_prob", "distill_alpha"))
+        check_bools(self, ("grad_checkpointing",))
+        check_choice(self, "schedule", SCHEDULES)
+        check_choice(self, "precision", PRECISIONS)
+        check_choice(self, "auto_augment", AUTO_AUGMENTS, optional=True)
+        check_choice(self, "distillation", DISTILLATIONS)
+        if self.crop_scale is not None:
+            if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+                raise ValueError(f"crop_scale must be two numbers 0 < low <= high <= 1, got {self.crop_scale!r}")
+        if not 0 <= self.seed < 2**32:  # the per-epoch seeds derived from it must fit torch's 64 bits
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}")
+        if self.progressive_sizes is not None and (
+                not self.progressive_sizes
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.progressive_sizes)):
+            raise ValueError(f"progressive_sizes must be a list of positive integers (image sizes), "
+                             f"got {self.progressive_sizes!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are prepared.
+
+    Each field is a ``vitcraft train`` flag and a key of a --config file's data section.
+    """
+
+    data: str = setting("cifar10", "a torchvision dataset name (cifar10, cifar100, mnist, fashion-mnist, svhn) "
+                                   "or an ImageFolder-layout folder with train/ and test/")
+    data_root: str | None = setting(None, "where torchvision datasets are downloaded", metavar="DIR",
+                                    none_means="the cache")
+    image_size: int | None = setting(None, "resize every image to this square size", none_means="the data's own")
+    cache_dir: str | None = setting(None, "where decoded image folders are cached", metavar="DIR",
+                                    none_means="~/.cache/vitcraft")
+    mean: list[float] | None = setting(None, "per-channel normalisation mean", none_means="0.5 per channel, as the "
+                                                                                           "tutorial")
+    std: list[float] | None = setting(None, "per-channel normalisation standard deviation",
+                                      none_means="0.5 per channel")
+
+    def __post_init__(self) -> None:
+        _validate_settings(self, what="data setting")
+
+    def validate(self) -> None:
+        """Raise one ValueError naming the first bad field (a VitcraftError when built)."""
+        check_positive_ints(self, ("image_size",), optional=True)
+        if self.std is not None and not all(value > 0 for value in self.std):
+            raise ValueError(f"std values divide the pixels, so they must be positive; got {self.std!r}")
+
+
+# ------------------------------------------------------------------ checks
+# What every config's validate() is made of. Each raises one ValueError naming the field
+# ("<name> must be ..., got <value>"); optional=True lets None through, for a setting that is
+# off or derived when unset.
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked(config: Any, names: tuple[str, ...], optional: bool):
+    for name in names:
+        value = getattr(config, name)
+        if not (optional and value is None):
+            yield name, value
+
+
+def check_positive_ints(config: Any, names: tuple[str, ...], optional: bool = False) -> None:
+    for name, value in _checked(config, names, optional):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if value >= MAX_SIZE:
+            raise ValueError(f"{name} must be below 2**31, got {value!r}")
+
+
+def check_positive_numbers(config: Any, names: tuple[str, ...], optional: bool = False) -> None:
+    for name, value in _checked(config, names, optional):
+        if not _is_number(value) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_non_negative(config: Any, names: tuple[str, ...], zero_means: str = "") -> None:
+    """Finite numbers >= 0; ``zero_means`` says in the message what 0 does (e.g. "off")."""
+    zero = f"0 ({zero_means})" if zero_means else "0"
+    for name, value in _checked(config, names, optional=False):
+        if not _is_number(value) or not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be {zero} or positive, got {value!r}")
+
+
+def check_fractions(config: Any, names: tuple[str, ...]) -> None:
+    """Rates that must leave something, such as dropout: numbers in [0, 1)."""
+    for name, value in _checked(config, names, optional=False):
+        if not _is_number(value) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_probabilities(config: Any, names: tuple[str, ...]) -> None:
+    """Numbers in [0, 1]."""
+    for name, value in _checked(config, names, optional=False):
+        if not _is_number(value) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def check_bools(config: Any, names: tuple[str, ...]) -> None:
+    for name, value in _checked(config, names, optional=False):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def check_choice(config: Any, name: str, choices: tuple[str, ...], optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value not in choices and not (optional and value is None):
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _validate_settings(config: Any, what: str) -> None:
+    """Types, then the config's own validate(); a bad train or data setting is the user's mistake (VitcraftError)."""
+    try:
+        check_types(type(config), vars(config), what=what)  # first: validate() compares values
+        config.validate()
+    except ValueError as error:
+        raise VitcraftError(str(error)) from None
 
 
 def short_repr(value: Any) -> str:

@@ -16,8 +16,11 @@
  *
  * vitcraft.cpu_kernels compiles this file with the system C compiler on first
  * use and calls it through ctypes; each call handles a range of elements or of
- * (batch, head) pairs. C99 with GCC/Clang vector extensions and OpenMP
- * pragmas (optional: without OpenMP, Python splits the work over threads).
+ * (batch, head) pairs. Every exported function's parameter list is mirrored,
+ * by name and type, in cpu_kernels.py's SIGNATURES table, from which the
+ * Python side declares and calls it (tests/test_cpu_kernels.py checks that the
+ * two agree). C99 with GCC/Clang vector extensions and OpenMP pragmas
+ * (optional: without OpenMP, Python splits the work over threads).
  */
 #include <math.h>
 #include <stdint.h>
@@ -55,6 +58,10 @@ static void thread_range(int64_t start, int64_t end, int64_t align, int64_t *fir
  * onto whatever vector registers the processor has (one AVX-512 register, two
  * AVX2 ones, four NEON ones). Scalars in arithmetic with them are broadcast. */
 #define W 16
+
+/* The sizes the Python side must agree on are read through functions like
+ * this one, never copied there. */
+int kernels_vector_width(void) { return W; }
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef uint32_t vu __attribute__((vector_size(4 * W)));
 
@@ -204,8 +211,11 @@ static void mask_row(vf *mask, int64_t blocks, uint64_t seed, uint64_t row, uint
 
 /* ---- dropout -------------------------------------------------------------------- */
 
-/* Dropout rows (one key each) are this long, whatever the tensor's shape. */
+/* Dropout rows (one key each) are this long, whatever the tensor's shape;
+ * a range handed to one thread starts at a row boundary. */
 #define DROPOUT_ROW 1024
+
+int kernels_dropout_row(void) { return DROPOUT_ROW; }
 
 /* y = x * mask for the flat elements [start, end) of a float32 (bfloat16 = 0)
  * or bfloat16 tensor, start a multiple of DROPOUT_ROW. The backward pass is the
@@ -383,6 +393,8 @@ static inline __attribute__((always_inline)) void layernorm_forward_range(
 /* Rows of a LayerNorm's backward pass are taken in blocks of this many; each
  * block sums its share of the weight and bias gradients on its own. */
 #define LAYERNORM_BLOCK 256
+
+int kernels_layernorm_block(void) { return LAYERNORM_BLOCK; }
 
 /* Gradients of layernorm_forward for rows [start, end), start a multiple of
  * LAYERNORM_BLOCK, from dy (float32, or bfloat16 if dy_bf16): with

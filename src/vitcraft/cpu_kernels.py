@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the training step (``cpu_kernels.c``), with PyTorch fallbacks.
+"""Fused CPU kernels for the training step (``cpu_kernels.c``), loaded with ctypes.
 
 On a CPU the seed model's training step is dominated not by its matrix
 products but by the passes around them: dropout's random masks and the
@@ -6,15 +6,27 @@ products but by the passes around them: dropout's random masks and the
 matmul as separate full-tensor passes, forwards and backwards. The C file
 does dropout as one pass with a hashed (stored nowhere) mask, attention
 with dropout one (batch, head) pair at a time inside the cache, and the tanh
-GELU and LayerNorm (slow in PyTorch for rows of 48 numbers) in one pass
-each way. Each takes float32, or the bfloat16 of bf16 autocast.
+GELU and LayerNorm (slow in PyTorch on rows as short as a small ViT's) in one
+pass each way. Each takes float32, or the bfloat16 of bf16 autocast.
+``vitcraft.ops`` decides when they run; this module only builds and calls them.
 
 The C file is compiled on first use with the system C compiler (``$CC``, else
-cc/gcc/clang) into the vitcraft cache (``$VITCRAFT_CACHE/kernels``, keyed by
-source, compiler and processor) and loaded with ctypes. Without a compiler,
-or with ``VITCRAFT_CPU_KERNELS=0``, ``available()`` is False and the model
-uses PyTorch's own operations; results agree in distribution, not bit for bit
-(the masks come from a different generator).
+cc/gcc/clang), plus any flags in ``$VITCRAFT_CFLAGS`` (split as a shell would),
+into the vitcraft cache (``$VITCRAFT_CACHE/kernels``, keyed by source,
+compiler, flags and processor) and loaded with ctypes.
+``VITCRAFT_CPU_KERNELS`` says what happens then:
+
+- ``0``: the kernels are off, nothing is compiled;
+- ``require``: a failed build raises :class:`KernelBuildError`, with the
+  compiler's full output (CI sets this, so a broken C file fails the tests);
+- anything else, or unset: a failed build (or no compiler) warns once and
+  ``available()`` is False, so vitcraft uses PyTorch's own operations; results
+  agree in distribution, not bit for bit (the masks come from another generator).
+
+Each C function's argument list is written once on this side, in
+``SIGNATURES``: the ctypes declarations and every call are made from it, by
+argument name. Sizes the two sides must agree on (vector width, dropout row,
+LayerNorm block) are read from the library, not copied.
 
 Randomness: each call draws one 64-bit seed from torch's global generator,
 so ``torch.manual_seed`` and a restored RNG state repeat a run exactly.
@@ -27,6 +39,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -37,12 +50,74 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from vitcraft.io import cache_dir
+from vitcraft.files import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-DROPOUT_ROW = 1024  # as in the C file: mask rows are this long
-LAYERNORM_BLOCK = 256  # as in the C file: rows summed together in a LayerNorm's backward pass
 
+
+class KernelBuildError(RuntimeError):
+    """The C kernels could not be compiled or loaded; the message carries the compiler's output."""
+
+
+# ---- the C functions' signatures, each written once --------------------------------------
+
+_C_TYPES = {"ptr": ctypes.c_void_p, "i64": ctypes.c_int64, "u64": ctypes.c_uint64, "u32": ctypes.c_uint32,
+            "f32": ctypes.c_float, "int": ctypes.c_int, "void": None}
+
+# name: (return type, "argument:type ..." in the C function's order, with its parameter names).
+# start, end and threads are filled in by _parallel.
+SIGNATURES = {
+    "kernels_use_openmp": ("int", ""),
+    "kernels_vector_width": ("int", ""),
+    "kernels_dropout_row": ("int", ""),
+    "kernels_layernorm_block": ("int", ""),
+    "dropout_float": ("void", "x:ptr y:ptr start:i64 end:i64 seed:u64 threshold:u32 scale:f32 threads:int"),
+    "dropout_bfloat16": ("void", "x:ptr y:ptr start:i64 end:i64 seed:u64 threshold:u32 scale:f32 threads:int"),
+    "gelu_forward": ("void", "x:ptr y:ptr start:i64 end:i64 bf16:int threads:int"),
+    "gelu_backward": ("void", "x:ptr dy:ptr dx:ptr start:i64 end:i64 bf16:int threads:int"),
+    "layernorm_forward": ("void", "x:ptr weight:ptr bias:ptr y:ptr stats:ptr start:i64 end:i64 c:i64 eps:f32 "
+                                  "y_bf16:int threads:int"),
+    "layernorm_backward": ("void", "x:ptr weight:ptr stats:ptr dy:ptr dx:ptr partial:ptr start:i64 end:i64 c:i64 "
+                                   "dy_bf16:int threads:int"),
+    "attention_forward": ("int", "qkv:ptr out:ptr probs:ptr start:i64 end:i64 heads:i64 nq:i64 n:i64 d:i64 "
+                                 "bf16:int qk_scale:f32 seed:u64 threshold:u32 drop_scale:f32 threads:int"),
+    "attention_backward": ("int", "qkv:ptr probs:ptr dout:ptr dqkv:ptr start:i64 end:i64 heads:i64 nq:i64 n:i64 "
+                                  "d:i64 bf16:int qk_scale:f32 threshold:u32 drop_scale:f32 threads:int"),
+}
+
+
+@functools.cache
+def arguments_of(name: str) -> tuple[tuple[str, str], ...]:
+    """((argument name, type name), ...) of C function ``name``, in its order."""
+    return tuple(tuple(argument.split(":")) for argument in SIGNATURES[name][1].split())
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Give every function in SIGNATURES its ctypes argument and return types."""
+    for name, (restype, _) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes = [_C_TYPES[kind] for _, kind in arguments_of(name)]
+        function.restype = _C_TYPES[restype]
+
+
+def _call(name: str, **arguments):
+    """Call C function ``name`` with its arguments by name, put in its order here.
+
+    A missing or unknown argument raises TypeError before anything reaches C,
+    where it would have been read as garbage.
+    """
+    names = [argument for argument, _ in arguments_of(name)]
+    if set(arguments) != set(names):
+        missing, unknown = sorted(set(names) - set(arguments)), sorted(set(arguments) - set(names))
+        raise TypeError(f"cpu_kernels.{name}: missing arguments {missing}, unknown arguments {unknown}")
+    lib = library()
+    if lib is None:
+        raise RuntimeError("vitcraft's CPU kernels are not available (VITCRAFT_CPU_KERNELS=0, or the build "
+                           "failed: see the warning); vitcraft.ops uses PyTorch's operations instead")
+    return getattr(lib, name)(*(arguments[argument] for argument in names))
+
+
+# ---- building and loading ----------------------------------------------------------------
 
 def _new_workers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="vitcraft-kernels")
@@ -77,81 +152,112 @@ def _processor() -> str:
 FLAG_SETS = (["-fopenmp", "-march=native"], ["-fopenmp"], ["-fopenmp-simd", "-march=native"], ["-fopenmp-simd"])
 
 
-def _compile(compiler: str, target: Path, flag_sets=FLAG_SETS) -> None:
-    """Build the shared library at ``target`` (atomically: parallel processes may race)."""
+def find_compiler() -> str | None:
+    """``$CC``, else the first of cc, gcc, clang on the PATH; None if there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def extra_flags() -> list[str]:
+    """``$VITCRAFT_CFLAGS`` split as a shell would: appended to every compiler command."""
+    return shlex.split(os.environ.get("VITCRAFT_CFLAGS", ""))
+
+
+def library_path(compiler: str, source: Path = SOURCE, flags: list[str] | tuple[str, ...] = ()) -> Path:
+    """Where the build of ``source`` by ``compiler`` with extra ``flags`` is cached on this processor."""
+    parts = [source.read_bytes(), compiler.encode(), shlex.join(flags).encode(), platform.machine().encode(),
+             _processor().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+
+
+def _compile(compiler: str, target: Path, flag_sets=FLAG_SETS, source: Path = SOURCE,
+             extra: list[str] | tuple[str, ...] = ()) -> None:
+    """Build the shared library at ``target`` (atomically: parallel processes may race).
+
+    Each of ``flag_sets`` is tried in turn, ``extra`` flags last on every
+    command. Raises KernelBuildError with every command tried and all that the
+    compiler printed for it.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
+    attempts = []
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         for flags in flag_sets:
-            command = [compiler, "-O3", "-shared", "-fPIC", *flags, str(SOURCE), "-o", str(built), "-lm"]
-            result = subprocess.run(command, capture_output=True, text=True)
+            command = [compiler, "-O3", "-shared", "-fPIC", *flags, str(source), "-o", str(built), "-lm", *extra]
+            try:
+                result = subprocess.run(command, capture_output=True, text=True)
+            except OSError as error:  # no such program, or not executable
+                raise KernelBuildError(f"could not build the fused CPU kernels: cannot run {compiler}: {error}") \
+                    from error
             if result.returncode == 0:
                 os.replace(built, target)
                 return
-        raise OSError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+            attempts.append(f"$ {shlex.join(command)}\n{(result.stdout + result.stderr).strip()}")
+    raise KernelBuildError("could not build the fused CPU kernels; every command failed:\n\n" + "\n\n".join(attempts))
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    i64, u64, u32, f32, ptr, int_ = (ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float,
-                                     ctypes.c_void_p, ctypes.c_int)
-    for name in ("dropout_float", "dropout_bfloat16"):
-        getattr(lib, name).argtypes = [ptr, ptr, i64, i64, u64, u32, f32, int_]
-        getattr(lib, name).restype = None
-    lib.gelu_forward.argtypes = [ptr, ptr, i64, i64, int_, int_]
-    lib.gelu_backward.argtypes = [ptr, ptr, ptr, i64, i64, int_, int_]
-    lib.gelu_forward.restype = lib.gelu_backward.restype = None
-    lib.attention_forward.argtypes = [ptr] * 3 + [i64] * 6 + [int_, f32, u64, u32, f32, int_]
-    lib.attention_backward.argtypes = [ptr] * 4 + [i64] * 6 + [int_, f32, u32, f32, int_]
-    lib.attention_forward.restype = lib.attention_backward.restype = ctypes.c_int
-    lib.layernorm_forward.argtypes = [ptr] * 5 + [i64] * 3 + [f32, int_, int_]
-    lib.layernorm_backward.argtypes = [ptr] * 6 + [i64] * 3 + [int_, int_]
-    lib.layernorm_forward.restype = lib.layernorm_backward.restype = None
-    lib.kernels_use_openmp.restype = ctypes.c_int
+def build(source: Path = SOURCE) -> ctypes.CDLL:
+    """Compile ``source`` (unless cached) and load it, whatever ``VITCRAFT_CPU_KERNELS`` says.
 
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, building them if needed; None (after one warning) if that fails."""
-    if os.environ.get("VITCRAFT_CPU_KERNELS", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    Raises KernelBuildError when there is no compiler, the build fails (the
+    message has the compiler's output) or the library will not load.
+    """
+    compiler = find_compiler()
     if compiler is None:
-        warnings.warn("vitcraft: no C compiler found, so the fused CPU kernels are off "
-                      "(training on the CPU is slower); install gcc or clang, or set CC", stacklevel=2)
-        return None
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), platform.machine().encode(),
-                                     _processor().encode()])).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+        raise KernelBuildError("no C compiler found for the fused CPU kernels: install gcc or clang, or set CC")
+    flags = extra_flags()
+    target = library_path(compiler, source, flags)
+    if not target.exists():
+        _compile(compiler, target, source=source, extra=flags)
     try:
-        if not target.exists():
-            _compile(compiler, target)
         lib = ctypes.CDLL(str(target))
     except OSError as error:
-        warnings.warn(f"vitcraft: could not build the fused CPU kernels ({error}); "
-                      "training on the CPU uses PyTorch's slower operations", stacklevel=2)
-        return None
+        raise KernelBuildError(f"could not load the fused CPU kernels from {target}: {error}") from error
     _declare(lib)
     return lib
 
 
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None if off or (after one warning) if the build failed.
+
+    Under ``VITCRAFT_CPU_KERNELS=require`` a failed build raises instead;
+    a failure is not remembered then, so the next call tries again.
+    """
+    mode = os.environ.get("VITCRAFT_CPU_KERNELS", "1")
+    if mode == "0":
+        return None
+    try:
+        return build(SOURCE)
+    except KernelBuildError as error:
+        if mode == "require":
+            raise
+        warnings.warn(f"vitcraft: {error}\nTraining on the CPU uses PyTorch's slower operations instead "
+                      "(VITCRAFT_CPU_KERNELS=require makes this an error)", stacklevel=2)
+        return None
+
+
 def available() -> bool:
+    """Whether the kernels are built and loaded (see ``library``)."""
     return library() is not None
 
 
-def _parallel(kernel, total: int, pointers: tuple, settings: tuple = (), align: int = 1) -> None:
-    """Run ``kernel(*pointers, start, end, *settings, threads)`` over [0, total) on torch's thread count.
+# ---- calling the kernels -------------------------------------------------------------------
 
-    A kernel built with OpenMP splits the range itself, in torch's own thread
-    pool; otherwise the range is split here over Python threads (ctypes
-    releases the GIL, so the parts run at the same time).
+def _parallel(name: str, total: int, align: int = 1, **arguments) -> None:
+    """Run C function ``name`` over [0, total) with torch's thread count; ``arguments`` by name.
+
+    A library built with OpenMP splits the range itself, in torch's own thread
+    pool; otherwise the range is split here, in multiples of ``align``, over
+    Python threads (ctypes releases the GIL, so the parts run at the same time).
     """
     threads = torch.get_num_threads()
 
     def run(start: int, end: int, kernel_threads: int) -> None:
-        if kernel(*pointers, start, end, *settings, kernel_threads) not in (None, 0):
-            raise MemoryError("vitcraft's CPU attention kernel could not allocate its work buffers")
+        if _call(name, start=start, end=end, threads=kernel_threads, **arguments) not in (None, 0):
+            raise MemoryError(f"vitcraft's CPU kernel {name} could not allocate its work buffers")
 
-    if library().kernels_use_openmp():
+    if _call("kernels_use_openmp"):
         return run(0, total, threads)
     parts = max(1, min(threads, total // align))
     step = -(-total // parts // align) * align  # ceil(total / parts), rounded up to a multiple of align
@@ -173,11 +279,17 @@ def _new_seed() -> int:
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
 
 
+def _bf16(x: torch.Tensor) -> int:
+    """The kernels' number-type flag: 1 for bfloat16 (computed in float32 inside), 0 for float32."""
+    return int(x.dtype == torch.bfloat16)
+
+
 def _dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
-    kernel = library().dropout_float if x.dtype == torch.float32 else library().dropout_bfloat16
-    _parallel(kernel, x.numel(), (x.data_ptr(), y.data_ptr()), (seed, *_drop_threshold(p)), align=DROPOUT_ROW)
+    threshold, scale = _drop_threshold(p)
+    _parallel("dropout_bfloat16" if _bf16(x) else "dropout_float", x.numel(), align=_call("kernels_dropout_row"),
+              x=x.data_ptr(), y=y.data_ptr(), seed=seed, threshold=threshold, scale=scale)
     return y
 
 
@@ -195,27 +307,9 @@ class _Dropout(torch.autograd.Function):
         return _dropout_apply(grad, ctx.seed, ctx.p), None  # the same mask, regenerated
 
 
-def _usable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
-    """Eager CPU tensors of these dtypes only: tracers (ONNX export, torch.jit,
-    torch.compile) cannot see into a ctypes call, so they get PyTorch's operations."""
-    tracing = (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-               or getattr(torch.compiler, "is_compiling", lambda: False)())
-    return x.device.type == "cpu" and x.dtype in dtypes and not tracing and available()
-
-
-def supports(x: torch.Tensor) -> bool:
-    """Whether the kernels take ``x``: an eager CPU float32 or bfloat16 tensor, kernels built."""
-    return _usable(x, (torch.float32, torch.bfloat16))
-
-
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout of a CPU float32 or bfloat16 tensor (see ``supports``)."""
+    """Training-mode dropout, 0 < p < 1, of a CPU float32 or bfloat16 tensor. Shape preserving."""
     return _Dropout.apply(x, p)
-
-
-def _bf16(x: torch.Tensor) -> int:
-    """The kernels' number-type flag: 1 for bfloat16 (computed in float32 inside), 0 for float32."""
-    return int(x.dtype == torch.bfloat16)
 
 
 class _GELU(torch.autograd.Function):
@@ -225,7 +319,8 @@ class _GELU(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty_like(x)
-        _parallel(library().gelu_forward, x.numel(), (x.data_ptr(), y.data_ptr()), (_bf16(x),), align=16)
+        _parallel("gelu_forward", x.numel(), align=_call("kernels_vector_width"),
+                  x=x.data_ptr(), y=y.data_ptr(), bf16=_bf16(x))
         ctx.save_for_backward(x)
         return y
 
@@ -235,18 +330,13 @@ class _GELU(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad = grad.to(x.dtype).contiguous()
         grad_x = torch.empty_like(x)
-        _parallel(library().gelu_backward, x.numel(), (x.data_ptr(), grad.data_ptr(), grad_x.data_ptr()),
-                  (_bf16(x),), align=16)
+        _parallel("gelu_backward", x.numel(), align=_call("kernels_vector_width"),
+                  x=x.data_ptr(), dy=grad.data_ptr(), dx=grad_x.data_ptr(), bf16=_bf16(x))
         return grad_x
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) of a CPU float32 or bfloat16 tensor (``supports``).
-
-    PyTorch's own ``gelu(approximate="tanh")`` took 2.5-4.5x as long as its
-    exact GELU here; this kernel's forward 2.1 ms against its 5.0 ms for a
-    (256, 65, 192) tensor. Shape preserving.
-    """
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) of a CPU float32 or bfloat16 tensor. Shape preserving."""
     return _GELU.apply(x)
 
 
@@ -264,9 +354,8 @@ class _LayerNorm(torch.autograd.Function):
         y = torch.empty(x.shape, dtype=out_dtype)
         stats = x.new_empty(rows, 2)  # (mean, 1 / std) of each row
         weight, bias = weight.contiguous(), bias.contiguous()
-        _parallel(library().layernorm_forward, rows,
-                  (x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), stats.data_ptr()),
-                  (channels, eps, _bf16(y)))
+        _parallel("layernorm_forward", rows, x=x.data_ptr(), weight=weight.data_ptr(), bias=bias.data_ptr(),
+                  y=y.data_ptr(), stats=stats.data_ptr(), c=channels, eps=eps, y_bf16=_bf16(y))
         ctx.save_for_backward(x, weight, stats)
         return y
 
@@ -279,10 +368,11 @@ class _LayerNorm(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = torch.empty_like(x)
         # each block of rows sums its own share of the weight and bias gradients
-        partial = x.new_empty(-(-rows // LAYERNORM_BLOCK), 2, channels)
-        _parallel(library().layernorm_backward, rows,
-                  (x.data_ptr(), weight.data_ptr(), stats.data_ptr(), grad.data_ptr(), grad_x.data_ptr(),
-                   partial.data_ptr()), (channels, _bf16(grad)), align=LAYERNORM_BLOCK)
+        block = _call("kernels_layernorm_block")
+        partial = x.new_empty(-(-rows // block), 2, channels)
+        _parallel("layernorm_backward", rows, align=block, x=x.data_ptr(), weight=weight.data_ptr(),
+                  stats=stats.data_ptr(), dy=grad.data_ptr(), dx=grad_x.data_ptr(), partial=partial.data_ptr(),
+                  c=channels, dy_bf16=_bf16(grad))
         grad_weight, grad_bias = partial.sum(0)
         return grad_x, grad_weight, grad_bias, None, None
 
@@ -302,7 +392,8 @@ class _Attention(torch.autograd.Function):
     """Softmax attention with dropout from the fused projection's layout (see ``attention``).
 
     In: qkv (B, N, 3, heads, head_size). Out: (B, num_queries, heads, head_size), qkv's dtype.
-    Keeps the softmax (B, heads, num_queries, N rounded up to 16), float32, for the backward pass.
+    Keeps the softmax (B, heads, num_queries, N rounded up to whole vectors),
+    float32, for the backward pass.
     """
 
     @staticmethod
@@ -310,18 +401,19 @@ class _Attention(torch.autograd.Function):
         batch, num_tokens, _, heads, head_size = qkv.shape
         qkv = qkv.contiguous()
         output = qkv.new_empty(batch, num_queries, heads, head_size)
-        # the softmax (rows padded to whole 16-float vectors, the dropout mask in its
-        # sign bits) is kept for the backward pass only when there will be one
-        padded_tokens = -(-num_tokens // 16) * 16 if ctx.needs_input_grad[0] else 0
+        # the softmax (rows padded to whole vectors, the dropout mask in its sign
+        # bits) is kept for the backward pass only when there will be one
+        width = _call("kernels_vector_width")
+        padded_tokens = -(-num_tokens // width) * width if ctx.needs_input_grad[0] else 0
         probs = qkv.new_empty(batch, heads, num_queries, padded_tokens, dtype=torch.float32)
         seed = _new_seed() if dropout_p > 0 else 0  # no draw without dropout: eval leaves the RNG alone
-        shape = (heads, num_queries, num_tokens, head_size, _bf16(qkv), head_size ** -0.5)
         threshold, drop_scale = _drop_threshold(dropout_p)
-        _parallel(library().attention_forward, batch * heads,
-                  (qkv.data_ptr(), output.data_ptr(), probs.data_ptr() if probs.numel() else None),
-                  (*shape, seed, threshold, drop_scale))
+        # the backward pass reads the mask from probs: it needs no seed
+        ctx.settings = dict(heads=heads, nq=num_queries, n=num_tokens, d=head_size, bf16=_bf16(qkv),
+                            qk_scale=head_size ** -0.5, threshold=threshold, drop_scale=drop_scale)
+        _parallel("attention_forward", batch * heads, qkv=qkv.data_ptr(), out=output.data_ptr(),
+                  probs=probs.data_ptr() if probs.numel() else None, seed=seed, **ctx.settings)
         ctx.save_for_backward(qkv, probs)
-        ctx.settings = (*shape, threshold, drop_scale)  # the backward reads the mask from probs: no seed
         return output
 
     @staticmethod
@@ -331,8 +423,8 @@ class _Attention(torch.autograd.Function):
         grad_output = grad_output.to(qkv.dtype).contiguous()
         grad_qkv = torch.empty_like(qkv)
         batch, heads = qkv.shape[0], qkv.shape[3]
-        _parallel(library().attention_backward, batch * heads,
-                  (qkv.data_ptr(), probs.data_ptr(), grad_output.data_ptr(), grad_qkv.data_ptr()), ctx.settings)
+        _parallel("attention_backward", batch * heads, qkv=qkv.data_ptr(), probs=probs.data_ptr(),
+                  dout=grad_output.data_ptr(), dqkv=grad_qkv.data_ptr(), **ctx.settings)
         return grad_qkv, None, None
 
 
@@ -341,7 +433,7 @@ def attention(qkv: torch.Tensor, num_queries: int, dropout_p: float) -> torch.Te
 
     Takes q, k and v as the fused projection lays them out and returns the
     heads side by side, so neither end needs a transposed copy.
-    In: qkv (B, N, 3, heads, head_size), CPU float32 or bfloat16 (see ``supports``).
+    In: qkv (B, N, 3, heads, head_size), CPU float32 or bfloat16.
     Out: (B, num_queries, heads, head_size), same dtype. Differentiable in qkv.
     """
     return _Attention.apply(qkv, num_queries, dropout_p)

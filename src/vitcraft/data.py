@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from vitcraft.errors import VitcraftError
-from vitcraft.io import cache_dir as io_cache_dir, load_tensors, save_tensors_atomic
+from vitcraft.files import cache_dir as default_cache_dir
+from vitcraft.files import load_tensors, save_tensors_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DOWNLOAD_TIMEOUT_SECONDS = 30
@@ -227,7 +228,7 @@ def load_splits(data: str, data_root: Path | None = None, image_size: int | None
     ``image_size`` resizes every image to that square size (default: the data's own size).
     Folder datasets are decoded once and cached as uint8 in ``cache_dir``.
     """
-    cache_dir = io_cache_dir() if cache_dir is None else cache_dir
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     name = data.lower()
     if name in TORCHVISION_NAMES and not Path(data).is_dir():
         root = data_root or cache_dir / "datasets"
@@ -257,7 +258,32 @@ def resize_dataset(dataset: ImageTensorDataset, image_size: int) -> ImageTensorD
     return ImageTensorDataset(torch.cat(resized), dataset.labels, dataset.class_names)
 
 
-def epoch_indices(num_samples: int, seed: int, epoch: int, shuffle: bool,
+def derive_seed(seed: int, *stream: int | str) -> int:
+    """The seed of one random stream of a run, from the run's ``seed`` and the stream's name and coordinates.
+
+    A run draws from several streams, and each needs a seed of its own:
+
+    * ``("order", epoch)``: the sample order of an epoch (``epoch_indices``). The same
+      on every rank, because the ranks take disjoint slices of one permutation;
+    * ``("augment", epoch, rank)``: crops, flips and the stronger augmentations of the
+      images this rank trains on;
+    * ``("dropout", epoch, rank)``: torch's global RNG, behind dropout and stochastic
+      depth. Every rank seeds it alike to build equal initial weights; without a seed
+      per rank afterwards, all ranks would draw the same dropout masks.
+
+    Each stream is seeded afresh per epoch, so what epoch e draws depends on (seed, e,
+    rank) only, not on the epochs before it: a run resumed at an epoch boundary draws
+    exactly what an uninterrupted one would. A hash, not a formula such as
+    ``seed * K + epoch``, because such formulas collide (seed 1 at epoch 0 is seed 0
+    at epoch K) and a name keeps two streams apart by construction. Stable across
+    processes, platforms and Python versions (unlike ``hash``); below 2**63, so it is
+    a valid seed for torch, numpy and ``random``.
+    """
+    key = json.dumps([seed, *stream]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def epoch_indices(num_samples: int, seed: int, epoch: int, *, shuffle: bool = True,
                   rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """The sample order of one epoch for one rank (DistributedSampler semantics).
 
@@ -266,7 +292,7 @@ def epoch_indices(num_samples: int, seed: int, epoch: int, shuffle: bool,
     multiple of world_size and rank r takes every world_size-th index from r.
     """
     if shuffle:
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(derive_seed(seed, "order", epoch))
         order = torch.randperm(num_samples, generator=generator)
     else:
         order = torch.arange(num_samples)
@@ -277,7 +303,7 @@ def epoch_indices(num_samples: int, seed: int, epoch: int, shuffle: bool,
     return order
 
 
-def iterate_batches(dataset: ImageTensorDataset, order: torch.Tensor, batch_size: int,
+def iterate_batches(dataset: ImageTensorDataset, order: torch.Tensor, batch_size: int, *,
                     drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (uint8 images (b, C, H, W), labels (b,)) in ``order``."""
     stop = len(order) - (len(order) % batch_size if drop_last else 0)

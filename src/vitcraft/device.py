@@ -16,9 +16,8 @@ import sys
 
 import torch
 
+from vitcraft.config import PRECISIONS
 from vitcraft.errors import VitcraftError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -58,9 +57,9 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 matrix instructions (x86 AVX512-BF16 or AMX).
 
-    There bf16 matrix products run 2-3.6x as fast as fp32 even at the seed
-    model's small sizes (``benchmarks/throughput.py``); elsewhere PyTorch
-    emulates bf16 and fp32 is faster.
+    There bf16 matrix products beat fp32 even at the seed model's small sizes
+    (``benchmarks/throughput.py`` measures it); elsewhere PyTorch emulates
+    bf16 and fp32 is faster.
     """
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu helpers; absent: no
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
@@ -102,10 +101,10 @@ def keep_freed_memory() -> None:
 
     A training step allocates and frees the same large activations every step.
     By default glibc maps each block above a threshold afresh from the OS and
-    unmaps it when freed, so the next step pays a page fault for every 4 KB of
-    it again: on this project's 2-core test machine the seed model's evaluation
-    at batch 512 ran 1.7-1.8x faster with this setting (2,236 -> 3,722 and
-    1,947 -> 3,547 images/s). Linux with glibc only; elsewhere a no-op.
+    unmaps it when freed, so the next step pays a page fault for every page of
+    it again; kept, the freed blocks serve the next step as they are, which
+    matters most for evaluation's large batches. Linux with glibc only;
+    elsewhere a no-op.
     """
     if not sys.platform.startswith("linux"):
         return

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitcraft.augment import Normalization
-from vitcraft.checkpoint import load_trained_model, unwrap
+from vitcraft.config import DISTILLATIONS
 from vitcraft.errors import VitcraftError
 from vitcraft.resize import resize_batch
+from vitcraft.runs import load_trained_model
+from vitcraft.state_dict import unwrap
 from vitcraft.variants.deit import DeiTForClassification
-
-DISTILLATIONS = ("hard", "soft")
 
 
 def distillation_loss(cls_logits: torch.Tensor, distillation_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -60,9 +60,9 @@ class Teacher:
 
     It takes the student's normalised batch and converts it to what the
     teacher was trained on: its own normalisation and image size, and runs it
-    in its own precision: a CNN teacher trained in bf16 runs in bf16 (on this
-    project's CPU 2-3x faster than fp32) under an fp32 student, and an fp32
-    teacher stays fp32 under a bf16 student.
+    in its own precision: a CNN teacher trained in bf16 runs in bf16 under an
+    fp32 student (on CPUs with bf16 units that is the faster precision), and
+    an fp32 teacher stays fp32 under a bf16 student.
     """
 
     model: nn.Module

@@ -9,7 +9,7 @@ ONNX uses torch's TorchScript-based exporter (``dynamo=False``): the newer
 dynamo exporter needs the ``onnxscript`` package, which vitcraft does not
 depend on, while the TorchScript one works with torch alone. Every attention
 backend exports (sdpa becomes plain ONNX MatMul/Softmax ops). Files are
-written atomically (vitcraft.io), so a failed export leaves no half file.
+written atomically (vitcraft.files), so a failed export leaves no half file.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from vitcraft.errors import VitcraftError
-from vitcraft.io import atomic_write
+from vitcraft.files import atomic_write
 from vitcraft.model import ViTForClassification
 
 DEFAULT_OPSET = 17  # widely supported by onnxruntime; has LayerNormalization

@@ -1,11 +1,14 @@
 """Hub-style model folders: ``config.json`` + ``model.safetensors``.
 
-:func:`save_pretrained` writes a vitcraft folder; :func:`from_pretrained` reads
+:func:`save_pretrained` writes a vitcraft folder; :func:`read_pretrained` reads
 one, and also a Hugging Face ViT folder (``model_type: "vit"``) or a timm
 folder (``"architecture"`` in config.json), converting through
-:mod:`vitcraft.interop`. Weights are read from safetensors or, failing that,
-from a PyTorch ``.bin`` through ``torch.load(weights_only=True)``, which refuses
-anything but tensors: nothing in a folder can run code when loaded.
+:mod:`vitcraft.convert`. :class:`HubMixin` gives a model class the two
+methods ``model.save_pretrained(folder)`` and ``Class.from_pretrained(folder)``
+(as huggingface_hub's ModelHubMixin does), so this module needs no model class.
+Weights are read from safetensors or, failing that, from a PyTorch ``.bin``
+through ``torch.load(weights_only=True)``, which refuses anything but tensors:
+nothing in a folder can run code when loaded.
 
 Layout of a vitcraft folder's config.json::
 
@@ -25,14 +28,14 @@ from typing import Any, Mapping
 
 import torch
 
-from vitcraft import interop
 from vitcraft.config import ViTConfig
-from vitcraft.checkpoint import load_state_checked
+from vitcraft.convert import fused_state_dict, hf_to_vitcraft, timm_to_vitcraft
 from vitcraft.errors import VitcraftError
-from vitcraft.io import atomic_write_json, load_tensors, read_json, save_tensors_atomic
-from vitcraft.model import ViTForClassification
+from vitcraft.files import atomic_write_json, load_tensors, read_json, save_tensors_atomic
+from vitcraft.state_dict import load_state_checked
 
 MODEL_TYPE = "vitcraft-vit"
+MODEL_CLASS = "ViTForClassification"  # the one class whose model_type is MODEL_TYPE (model.py)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Searched in this order: safetensors first (no pickle at all), then timm's
@@ -47,7 +50,7 @@ TIMM_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge
 
 
 # ------------------------------------------------------------------ saving
-def save_pretrained(model: ViTForClassification, directory: str | os.PathLike,
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike,
                     extra_metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` to a folder: ``config.json`` and ``model.safetensors``.
 
@@ -56,8 +59,8 @@ def save_pretrained(model: ViTForClassification, directory: str | os.PathLike,
     ``"metadata"``. Weights are saved in the fused attention layout whatever the
     backend. Both files are written atomically. Returns the folder path.
     """
-    if type(model) is not ViTForClassification:  # a subclass (DeiT) has weights this layout cannot name
-        raise VitcraftError(f"save_pretrained writes ViTForClassification models, not a {type(model).__name__}")
+    if getattr(model, "model_type", None) != MODEL_TYPE:  # DeiT's extra token and head have no place here
+        raise VitcraftError(f"save_pretrained writes {MODEL_CLASS} models, not a {type(model).__name__}")
     directory = Path(directory)
     config = {"model_type": MODEL_TYPE, **model.config.to_dict(), METADATA_KEY: dict(extra_metadata or {})}
     for key, value in config[METADATA_KEY].items():
@@ -65,7 +68,7 @@ def save_pretrained(model: ViTForClassification, directory: str | os.PathLike,
             json.dumps(value)
         except (TypeError, ValueError) as err:
             raise VitcraftError(f"extra_metadata {key!r} is not JSON-serialisable ({err})") from None
-    state = {key: tensor.cpu() for key, tensor in interop.fused_state_dict(model).items()}
+    state = {key: tensor.cpu() for key, tensor in fused_state_dict(model).items()}
     # transformers reads only safetensors files whose metadata says format "pt"
     save_tensors_atomic(directory / WEIGHTS_NAME, state, metadata={"format": "pt"})
     atomic_write_json(directory / CONFIG_NAME, config)
@@ -170,13 +173,15 @@ def _timm_overrides(config: Mapping[str, Any], path: Path, overrides: Mapping[st
     return {**values, **overrides}
 
 
-def from_pretrained(directory: str | os.PathLike, **config_overrides: Any) -> ViTForClassification:
-    """Load a model folder: vitcraft's own, a Hugging Face ViT one or a timm one.
+def read_pretrained(directory: str | os.PathLike,
+                    **config_overrides: Any) -> tuple[ViTConfig, dict[str, torch.Tensor], str]:
+    """(config, state dict in vitcraft's keys, weights path) of a model folder: vitcraft's own,
+    a Hugging Face ViT one or a timm one (converted).
 
     ``config_overrides`` are ViTConfig fields applied on top of the folder's
-    (e.g. ``attention_backend="per_head"``). Returns the model in eval mode.
-    Raises FileNotFoundError for a missing folder, config or weights file, and
-    VitcraftError (a ValueError) naming the file for anything unreadable or not matching.
+    (e.g. ``attention_backend="per_head"``). Raises FileNotFoundError for a
+    missing folder, config or weights file, and VitcraftError (a ValueError)
+    naming the file for anything unreadable or not matching.
     """
     directory, config = _read_config(directory)
     kind = _folder_kind(config, directory)
@@ -184,19 +189,45 @@ def from_pretrained(directory: str | os.PathLike, **config_overrides: Any) -> Vi
     if kind == "vitcraft":
         values = {key: value for key, value in config.items() if key not in ("model_type", METADATA_KEY)}
         try:
-            model_config = ViTConfig.from_dict({**values, **config_overrides})
+            return ViTConfig.from_dict({**values, **config_overrides}), state, str(weights_path)
         except ValueError as err:
             raise VitcraftError(f"{directory / CONFIG_NAME}: {err}") from None
-        model = ViTForClassification(model_config)
-        return load_state_checked(model, state, str(weights_path)).eval()
     if kind == "hf":
-        convert = partial(interop.from_hf, hf_config=config, **config_overrides)
+        convert = partial(hf_to_vitcraft, hf_config=config, **config_overrides)
     else:
-        convert = partial(interop.from_timm, **_timm_overrides(config, directory, config_overrides))
+        convert = partial(timm_to_vitcraft, **_timm_overrides(config, directory, config_overrides))
     try:
-        return convert(state)
+        model_config, state, _ = convert(state)
     except ValueError as err:
         raise VitcraftError(f"cannot load {weights_path}: {err}") from None
+    return model_config, state, str(weights_path)
+
+
+class HubMixin:
+    """``save_pretrained`` and ``from_pretrained`` for a model class whose instances have a ``config``.
+
+    The class sets ``model_type`` (what config.json records); ``from_pretrained``
+    builds ``cls(config)``, so this module never imports the model it loads.
+    """
+
+    model_type: str | None = None
+
+    def save_pretrained(self, directory: str | os.PathLike, extra_metadata: Mapping[str, Any] | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` to ``directory`` (the Hugging Face hub
+        layout), with ``extra_metadata`` such as class_names, mean, std. Returns the folder path."""
+        return save_pretrained(self, directory, extra_metadata)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **config_overrides: Any):
+        """Load a hub-layout folder: vitcraft's own, or a timm or Hugging Face ViT one (converted).
+
+        ``config_overrides`` are ViTConfig fields, e.g. ``attention_backend="per_head"``.
+        Returns the model in eval mode; see :func:`read_pretrained` for the errors.
+        """
+        if cls.model_type != MODEL_TYPE:  # a subclass with more weights (DeiT) would load half of them
+            raise VitcraftError(f"{directory} holds a {MODEL_CLASS}, not a {cls.__name__}")
+        config, state, source = read_pretrained(directory, **config_overrides)
+        return load_state_checked(cls(config), state, source).eval()
 
 
 def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:

@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitcraft.attention_maps import attention_map_kind, maps_for_images, unavailable_map_reason
 from vitcraft.augment import Normalization
-from vitcraft.checkpoint import MODEL_META_FILE, load_trained_model
 from vitcraft.data import read_image
 from vitcraft.errors import VitcraftError
-from vitcraft.figures import attention_map_kind, attention_maps, unavailable_map_reason
-from vitcraft.io import read_json
+from vitcraft.files import read_json
+from vitcraft.hub import load_metadata
+from vitcraft.model import ViTForClassification
+from vitcraft.runs import MODEL_META_FILE, load_trained_model
 
 
 class _NamedBytes(io.BytesIO):
@@ -94,7 +96,7 @@ class Predictor:
 
     @property
     def map_kind(self) -> str:
-        """Which attention maps the model has: "cls", "pooling" or "none" (figures.attention_map_kind)."""
+        """Which attention maps the model has: "cls", "pooling" or "none" (attention_maps.attention_map_kind)."""
         return attention_map_kind(self.model)
 
     @property
@@ -131,7 +133,7 @@ class Predictor:
     def attention(self, images: torch.Tensor, method: str = "cls", layer: int = -1,
                   head: int | str = "mean") -> torch.Tensor | str:
         """uint8 images (B, C, H, W) -> float maps (B, g, g) of ``method`` ("cls" or "rollout"),
-        as :func:`vitcraft.figures.attention_maps` computes them.
+        as :func:`vitcraft.attention_maps.maps_for_images` computes them.
 
         For a model that has no such maps, the sentence saying why instead. A
         layer or head out of range raises VitcraftError.
@@ -141,7 +143,7 @@ class Predictor:
             return reason
         with self.lock, torch.inference_mode():
             try:
-                _, maps = attention_maps(self.model, self.normalization(images.to(self.device)), method, layer, head)
+                _, maps = maps_for_images(self.model, self.normalization(images.to(self.device)), method, layer, head)
             except ValueError as error:
                 raise VitcraftError(str(error)) from None
         return maps.float().cpu()
@@ -157,9 +159,7 @@ def _is_model_folder(path: Path) -> bool:
 
 def _load_model_folder(directory: Path, device: torch.device) -> tuple[nn.Module, dict]:
     """(model, metadata) of a save_pretrained folder, with what a run directory's metadata holds filled in."""
-    from vitcraft.hub import from_pretrained, load_metadata
-
-    model = from_pretrained(directory).to(device)
+    model = ViTForClassification.from_pretrained(directory).to(device)
     metadata = load_metadata(directory)
     config = model.config
     metadata["model_config"] = config.to_dict()
@@ -176,7 +176,7 @@ def load_predictor(path: str | Path, device: torch.device | str = "cpu") -> Pred
     """A :class:`Predictor` for a run directory, or a model folder with config.json + weights.
 
     A folder whose config.json names a model type is read with
-    :func:`vitcraft.hub.from_pretrained`; anything else as a run directory.
+    :meth:`ViTForClassification.from_pretrained`; anything else as a run directory.
     Raises VitcraftError or FileNotFoundError naming what is missing.
     """
     path, device = Path(path), torch.device(device)

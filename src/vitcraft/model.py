@@ -15,50 +15,13 @@ import math
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitcraft import cpu_kernels
+from vitcraft import ops
 from vitcraft.config import ViTConfig
-from vitcraft.device import cpu_autocast_dtype
+from vitcraft.hub import MODEL_TYPE, HubMixin
 from vitcraft.resize import resample_position_embeddings
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with a fused kernel on the CPU (``cpu_kernels.dropout``); identical elsewhere.
-
-    PyTorch's CPU dropout draws one Bernoulli sample per element on one core
-    and stores the mask for the backward pass, which took about a third of the
-    seed model's training step. The fused kernel hashes (seed, position) into
-    a keep/drop decision in the same pass that scales the kept values by
-    1 / (1 - p), on all threads, and regenerates the mask backwards.
-    Shape preserving.
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.training and 0 < self.p < 1 and cpu_kernels.supports(input):
-            return cpu_kernels.dropout(input, self.p)
-        return super().forward(input)
-
-
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm with a fused kernel on the CPU (``cpu_kernels.layer_norm``); identical elsewhere.
-
-    PyTorch's CPU LayerNorm is slow on rows as short as the seed model's 48
-    numbers (about 7% of its training step). A block's LayerNorm only ever
-    feeds a Linear, so under bf16 autocast the kernel returns bfloat16, which
-    is what that Linear would round its input to anyway: the same numbers,
-    one copy fewer (autocast's own LayerNorm returns float32).
-    In: (..., C). Out: (..., C).
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if (input.dtype == torch.float32 and len(self.normalized_shape) == 1 and self.weight is not None
-                and self.bias is not None and cpu_kernels.supports(input)):
-            out_dtype = torch.bfloat16 if cpu_autocast_dtype() == torch.bfloat16 else torch.float32
-            return cpu_kernels.layer_norm(input, self.weight, self.bias, self.eps, out_dtype)
-        return super().forward(input)
 
 
 def as_config(config: ViTConfig | Mapping[str, Any]) -> ViTConfig:
@@ -126,7 +89,7 @@ class Embeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.position_embeddings = nn.Parameter(
             torch.zeros(1, self.num_prefix_tokens + self.patch_embeddings.num_patches, config.hidden_size))
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = ops.Dropout(config.hidden_dropout_prob)
 
     def prefix_tokens(self, batch_size: int) -> torch.Tensor:
         """The learned tokens put in front of the patches: (B, num_prefix_tokens, hidden)."""
@@ -147,10 +110,9 @@ class AttentionHead(nn.Module):
 
     Every token emits a query, a key and a value. A token's output is the
     average of all values, weighted by softmax(query . key / sqrt(head_size)).
-    In: (B, N, hidden). Out: ((B, Q, head_size) output, (B, Q, N) attention
-    probabilities), Q = N, or ``num_queries`` when only the first tokens need
-    an output. The probabilities returned are those before dropout, so each
-    row sums to 1 even in training mode.
+    In: (B, N, hidden). Out: ((B, N, head_size) output, (B, N, N) attention
+    probabilities). The probabilities returned are those before dropout, so
+    each row sums to 1 even in training mode.
     """
 
     def __init__(self, hidden_size: int, attention_head_size: int, dropout: float, bias: bool = True):
@@ -160,13 +122,13 @@ class AttentionHead(nn.Module):
         self.query = nn.Linear(hidden_size, attention_head_size, bias=bias)
         self.key = nn.Linear(hidden_size, attention_head_size, bias=bias)
         self.value = nn.Linear(hidden_size, attention_head_size, bias=bias)
-        self.dropout = Dropout(dropout)
+        self.dropout = ops.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        query, key, value = self.query(x[:, :num_queries]), self.key(x), self.value(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        query, key, value = self.query(x), self.key(x), self.value(x)
         attention_scores = query @ key.transpose(-1, -2) / math.sqrt(self.attention_head_size)
-        attention_probs = attention_scores.softmax(dim=-1)  # (B, Q, N)
-        attention_output = self.dropout(attention_probs) @ value  # (B, Q, head_size)
+        attention_probs = attention_scores.softmax(dim=-1)  # (B, N, N)
+        attention_output = self.dropout(attention_probs) @ value  # (B, N, head_size)
         return attention_output, attention_probs
 
 
@@ -175,8 +137,7 @@ class MultiHeadAttention(nn.Module):
 
     The readable version: one small module per head. It loads the same state
     dict as FasterMultiHeadAttention (the fused qkv weight is split per head).
-    In: (B, N, hidden). Out: ((B, Q, hidden), (B, heads, Q, N) or None), Q = N
-    or ``num_queries``.
+    In: (B, N, hidden). Out: ((B, N, hidden), (B, heads, N, N) or None).
     """
 
     def __init__(self, config: ViTConfig | Mapping[str, Any]):
@@ -189,12 +150,12 @@ class MultiHeadAttention(nn.Module):
                           config.attention_probs_dropout_prob, config.qkv_bias)
             for _ in range(config.num_attention_heads)])
         self.output_projection = nn.Linear(config.hidden_size, config.hidden_size)
-        self.output_dropout = Dropout(config.hidden_dropout_prob)
+        self.output_dropout = ops.Dropout(config.hidden_dropout_prob)
         self._register_load_state_dict_pre_hook(self._split_fused_qkv)
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False, num_queries: int | None = None):
-        head_outputs = [head(x, num_queries) for head in self.heads]
-        attention_output = torch.cat([out for out, _ in head_outputs], dim=-1)  # (B, Q, hidden)
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        head_outputs = [head(x) for head in self.heads]
+        attention_output = torch.cat([out for out, _ in head_outputs], dim=-1)  # (B, N, hidden)
         attention_output = self.output_dropout(self.output_projection(attention_output))
         if not output_attentions:
             return attention_output, None
@@ -216,13 +177,16 @@ class FasterMultiHeadAttention(nn.Module):
     """Multi-head attention with one fused Linear producing q, k and v for all heads.
 
     One (hidden -> 3 * hidden) matrix product replaces 3 * heads small ones.
-    With ``use_sdpa`` the attention itself runs fused: on the CPU in vitcraft's
-    kernel (``cpu_kernels.attention``, float32 or bfloat16, dropout included),
-    else in ``F.scaled_dot_product_attention``; except when the attention
-    probabilities are asked for, which only the explicit softmax has.
+    With ``use_sdpa`` the attention itself runs fused (``ops.attention``:
+    vitcraft's C kernel on the CPU, PyTorch's scaled_dot_product_attention
+    elsewhere), except when the attention probabilities are asked for, which
+    only the explicit softmax (``ops.softmax_attention``) has; without it (the
+    "fused" backend) the softmax is always explicit.
     ``attention_bias``, if given, is added to the scaled scores before the
     softmax (any shape broadcasting to (B, heads, Q, N)): Swin's relative
-    position bias and shifted-window mask use it.
+    position bias and shifted-window mask use it. ``num_queries`` asks for the
+    first tokens' outputs only, all tokens still serving as keys and values
+    (see ``Block.forward_first_tokens``).
     In: (B, N, hidden). Out: ((B, Q, hidden), (B, heads, Q, N) or None), Q = N
     or ``num_queries``.
     """
@@ -234,45 +198,26 @@ class FasterMultiHeadAttention(nn.Module):
         self.attention_head_size = config.attention_head_size
         self.use_sdpa = use_sdpa
         self.qkv_projection = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.attn_dropout = Dropout(config.attention_probs_dropout_prob)
+        self.attn_dropout = ops.Dropout(config.attention_probs_dropout_prob)
         self.output_projection = nn.Linear(config.hidden_size, config.hidden_size)
-        self.output_dropout = Dropout(config.hidden_dropout_prob)
+        self.output_dropout = ops.Dropout(config.hidden_dropout_prob)
         self._register_load_state_dict_pre_hook(self._merge_per_head_qkv)
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False, num_queries: int | None = None,
-                attention_bias: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, *,
+                attention_bias: torch.Tensor | None = None, num_queries: int | None = None):
         batch_size, num_tokens, hidden_size = x.shape
-        num_queries = num_queries or num_tokens
         qkv = self.qkv_projection(x)  # (B, N, 3 * hidden)
         qkv = qkv.view(batch_size, num_tokens, 3, self.num_attention_heads, self.attention_head_size)
         dropout_p = self.attn_dropout.p if self.training else 0.0
-        fast = self.use_sdpa and not output_attentions
         attention_probs = None
-        if fast and attention_bias is None and cpu_kernels.supports(qkv):
-            # On the CPU, SDPA with dropout falls back to an unfused path (separate
-            # passes for scores, softmax, mask and product), and without dropout needs
-            # q, k, v transposed; the fused kernel is faster either way.
-            # (B, Q, heads, head_size) -> (B, Q, hidden)
-            attention_output = cpu_kernels.attention(qkv, num_queries, dropout_p).view(batch_size, num_queries,
-                                                                                        hidden_size)
+        if self.use_sdpa and not output_attentions:
+            attention_output = ops.attention(qkv, dropout_p, num_queries, attention_bias)  # (B, Q, heads, head_size)
         else:
-            # (3, B, heads, N, head_size); one copy here spares the matmuls below a copy each
-            query, key, value = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
-            query = query[:, :, :num_queries]  # (B, heads, Q, head_size)
-            if fast and (dropout_p == 0 or x.device.type != "cpu"):
-                if attention_bias is not None:  # SDPA wants the mask in q's dtype (bf16 under autocast)
-                    attention_bias = attention_bias.to(query.dtype)
-                attention_output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias,
-                                                                  dropout_p=dropout_p)
-            else:
-                # scaling q (N x head_size) is cheaper than scaling the scores (N x N)
-                scores = (query * self.attention_head_size ** -0.5) @ key.transpose(-1, -2)
-                if attention_bias is not None:
-                    scores = scores + attention_bias
-                attention_probs = scores.softmax(dim=-1)  # (B, heads, Q, N)
-                attention_output = self.attn_dropout(attention_probs) @ value
-            # (B, heads, Q, head_size) -> (B, Q, hidden)
-            attention_output = attention_output.transpose(1, 2).reshape(batch_size, num_queries, hidden_size)
+            query, key, value = ops.split_heads(qkv)  # each (B, heads, N, head_size)
+            attention_output, attention_probs = ops.softmax_attention(query[:, :, :num_queries], key, value,
+                                                                      dropout_p, attention_bias)
+            attention_output = attention_output.transpose(1, 2)  # (B, Q, heads, head_size)
+        attention_output = attention_output.reshape(batch_size, -1, hidden_size)  # (B, Q, hidden), heads side by side
         attention_output = self.output_dropout(self.output_projection(attention_output))
         return attention_output, (attention_probs if output_attentions else None)
 
@@ -292,16 +237,13 @@ class FasterMultiHeadAttention(nn.Module):
 class NewGELUActivation(nn.Module):
     """GELU in its tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
-    The seed's activation (as in GPT-2/BERT code). PyTorch's
-    ``gelu(approximate="tanh")`` computes the same formula in one kernel;
-    vitcraft's CPU kernel (``cpu_kernels.gelu_tanh``, float32 or bfloat16) is
-    faster. Shape preserving.
+    The seed's activation (as in GPT-2/BERT code), computed in one pass by
+    ``ops.gelu_tanh`` rather than as separate tensor operations.
+    In: any shape. Out: the same shape.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.supports(input):
-            return cpu_kernels.gelu_tanh(input)
-        return F.gelu(input, approximate="tanh")
+        return ops.gelu_tanh(input)
 
 
 class MLP(nn.Module):
@@ -316,7 +258,7 @@ class MLP(nn.Module):
         self.dense_1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.activation = NewGELUActivation() if config.hidden_act == "gelu_tanh" else nn.GELU()
         self.dense_2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = ops.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.dense_2(self.activation(self.dense_1(x))))
@@ -335,37 +277,50 @@ class Block(nn.Module):
     x = x + attention(layernorm_1(x)); x = x + mlp(layernorm_2(x)).
     Normalising before each sub-layer (pre-LN) keeps the residual path clean,
     which trains more stably than the original post-LN transformer.
-    With ``num_queries`` only the first tokens are updated (all tokens still
-    serve as keys and values): the last block of a [CLS]-pooled model only
-    needs the [CLS] output, which saves most of that block's work.
-    In: (B, N, hidden). Out: (B, Q, hidden), Q = N or num_queries; attention
-    probs (B, heads, Q, N) or None.
+    In: (B, N, hidden). Out: ((B, N, hidden), attention probs (B, heads, N, N)
+    or None).
     """
 
     def __init__(self, config: ViTConfig | Mapping[str, Any]):
         super().__init__()
         config = as_config(config)
-        self.layernorm_1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_1 = ops.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = build_attention(config)
-        self.layernorm_2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm_2 = ops.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False, num_queries: int | None = None):
-        attention_output, attention_probs = self.attention(self.layernorm_1(x), output_attentions, num_queries)
-        x = x[:, :num_queries] + attention_output
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        attention_output, attention_probs = self.attention(self.layernorm_1(x), output_attentions=output_attentions)
+        x = x + attention_output
         x = x + self.mlp(self.layernorm_2(x))
         return x, attention_probs
+
+    def forward_first_tokens(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        """The block's output for the first ``count`` tokens only; all tokens still serve as keys and values.
+
+        The last block of a [CLS]-pooled model is only read at its prefix
+        tokens, so it can skip the other tokens' queries and MLP: the same
+        numbers for the tokens kept, most of the block's work saved. The fused
+        attention computes just those queries; the readable per-head one
+        computes all of them and the rest are dropped (no saving).
+        In: (B, N, hidden). Out: (B, count, hidden).
+        """
+        if not isinstance(self.attention, FasterMultiHeadAttention):
+            return self(x)[0][:, :count]
+        attention_output, _ = self.attention(self.layernorm_1(x), num_queries=count)
+        x = x[:, :count] + attention_output  # (B, count, hidden)
+        return x + self.mlp(self.layernorm_2(x))
 
 
 class Encoder(nn.Module):
     """A stack of ``num_hidden_layers`` Blocks.
 
     With ``gradient_checkpointing`` on, each block's activations are recomputed
-    in the backward pass instead of stored: less memory, about a third more
-    compute.
-    With ``cls_only_last`` the last block updates only the [CLS] token and the
-    output is (B, 1, hidden) (see Block); an integer k instead of True keeps
-    the first k tokens (DeiT: [CLS] and the distillation token), (B, k, hidden).
+    in the backward pass instead of stored: less memory, one more forward
+    pass of every block.
+    With ``first_tokens`` k the last block computes only the first k tokens
+    (``Block.forward_first_tokens``), the output is (B, k, hidden) and that
+    block's entry in the attentions is None.
     In: (B, N, hidden). Out: (B, N, hidden); attentions: a list with one
     (B, heads, N, N) tensor per block, or None.
     """
@@ -376,26 +331,35 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False, cls_only_last: bool | int = False):
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, first_tokens: int | None = None):
         all_attentions = []
         for index, block in enumerate(self.blocks):
-            num_queries = int(cls_only_last) if cls_only_last and index == len(self.blocks) - 1 else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, attention_probs = checkpoint(block, x, output_attentions, num_queries, use_reentrant=False)
+            if first_tokens and index == len(self.blocks) - 1:
+                x, attention_probs = self._run(block.forward_first_tokens, x, first_tokens), None
             else:
-                x, attention_probs = block(x, output_attentions, num_queries)
+                x, attention_probs = self._run(block, x, output_attentions)
             all_attentions.append(attention_probs)
         return x, (all_attentions if output_attentions else None)
 
+    def _run(self, function, *args):
+        """``function(*args)``, its activations recomputed in the backward pass when checkpointing."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
 
-class ViTForClassification(nn.Module):
+
+class ViTForClassification(HubMixin, nn.Module):
     """The whole Vision Transformer: embeddings, encoder, classifier on the pooled token.
 
     ``model(images)`` returns ``(logits, None)``;
     ``model(images, output_attentions=True)`` returns ``(logits, attentions)``
     with one (B, heads, tokens, tokens) tensor per block.
+    ``save_pretrained`` / ``from_pretrained`` (from hub.HubMixin) write and read
+    the Hugging Face hub layout, and read timm and Hugging Face ViT folders.
     In: (B, num_channels, image_size, image_size). Out: logits (B, num_classes).
     """
+
+    model_type = MODEL_TYPE  # what a saved folder's config.json records
 
     def __init__(self, config: ViTConfig | Mapping[str, Any]):
         super().__init__()
@@ -439,41 +403,28 @@ class ViTForClassification(nn.Module):
         """
         self.embedding.patch_embeddings.dynamic_img_size = enable
 
-    # The hub layout lives in hub.py, which imports this module: import it when called.
-    def save_pretrained(self, directory, extra_metadata: Mapping[str, Any] | None = None):
-        """Write ``config.json`` + ``model.safetensors`` to ``directory`` (the Hugging Face hub
-        layout), with ``extra_metadata`` such as class_names, mean, std. Returns the folder path."""
-        from vitcraft import hub
-
-        return hub.save_pretrained(self, directory, extra_metadata)
-
-    @classmethod
-    def from_pretrained(cls, directory, **config_overrides: Any) -> "ViTForClassification":
-        """Load a hub-layout folder: vitcraft's own, or a timm or Hugging Face ViT one (converted).
-
-        ``config_overrides`` are ViTConfig fields, e.g. ``attention_backend="per_head"``.
-        Returns the model in eval mode; see :func:`vitcraft.hub.from_pretrained` for the errors.
-        """
-        from vitcraft import hub
-        from vitcraft.errors import VitcraftError
-
-        model = hub.from_pretrained(directory, **config_overrides)
-        if not isinstance(model, cls):
-            raise VitcraftError(f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
-
     def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, N, hidden) -> (B, hidden): the [CLS] output, or the mean of the patch outputs."""
         if self.config.pooling == "mean":
             return hidden_states[:, 1:].mean(dim=1)
         return hidden_states[:, 0]
 
+    def encode(self, x: torch.Tensor, output_attentions: bool = False):
+        """Images -> (encoder output, attentions or None).
+
+        [CLS] pooling reads only the prefix tokens ([CLS], and DeiT's
+        distillation token) of the last block, so unless that block's full
+        attention maps are asked for it computes only theirs (see
+        ``Encoder``): (B, num_prefix_tokens, hidden); otherwise (B, N, hidden).
+        """
+        # the one place that decides whether the last block skips tokens
+        skip = self.config.pooling == "cls" and not output_attentions
+        first_tokens = self.embedding.num_prefix_tokens if skip else None
+        return self.encoder(self.embedding(x), output_attentions, first_tokens=first_tokens)
+
     def forward_features(self, x: torch.Tensor, output_attentions: bool = False):
         """Images -> (pooled, normalised representation (B, hidden), attentions or None)."""
-        # [CLS] pooling reads one token of the last block; skip the other tokens' work
-        # there, unless the caller wants that block's full attention maps
-        cls_only_last = self.config.pooling == "cls" and not output_attentions
-        hidden_states, all_attentions = self.encoder(self.embedding(x), output_attentions, cls_only_last)
+        hidden_states, all_attentions = self.encode(x, output_attentions)
         return self.final_layernorm(self.pool(hidden_states)), all_attentions
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):

@@ -10,7 +10,7 @@ The page reads what a run directory holds:
   the model is built from ``"model_config"`` (or ``"model"``) and counted;
 * ``metrics.jsonl``: one JSON object per epoch (optional);
 * ``samples.png``, ``curves.png``, ``attention.png``, ``rollout.png``,
-  ``confusion.png`` (each optional, from :mod:`vitcraft.viz`).
+  ``confusion.png`` (each optional, from :mod:`vitcraft.plots`).
 
 Figures are embedded as base64 data URIs and the CSS is inline, so the file
 opens anywhere, offline, and can be mailed or archived on its own. Every piece

@@ -34,6 +34,7 @@ import socket
 import threading
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import python_multipart  # noqa: F401  Starlette parses multipart forms with it; fail early if it is missing
@@ -49,9 +50,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from vitcraft import viz
+from vitcraft.attention_maps import POOLING_TITLE, upsample_map
 from vitcraft.errors import VitcraftError
-from vitcraft.figures import POOLING_TITLE
 from vitcraft.inference import Predictor, colour_mode
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # largest accepted image file
@@ -60,7 +60,7 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # room for the multipart boundaries and the sma
 DISCARD_LIMIT_BYTES = 100 * 1024 * 1024  # an oversized body is read and dropped up to this, then cut off
 MAX_IMAGES_AT_ONCE = 2  # uploads decoded at the same time: a 50-megapixel RGB image takes 150 MB
 DISPLAY_SIDE = 256  # longer side in pixels of the pictures the page shows (app.css sizes them so)
-OVERLAY_ALPHA = 0.6  # as viz.plot_attention_overlays
+OVERLAY_ALPHA = 0.6  # as plots.plot_attention_overlays
 TOP_K = 5
 STATIC_DIR = Path(__file__).with_name("static")
 # the "jet" colour map as a lookup table, read-only and so safe to share between threads
@@ -107,9 +107,9 @@ def overlay(pixels: np.ndarray, grid: torch.Tensor) -> np.ndarray:
 
     The map is bilinearly stretched to the picture, scaled to its own
     min..max (red is where this image's attention is highest) and blended
-    with the jet colour map at OVERLAY_ALPHA, as ``viz.plot_attention_overlays`` draws it.
+    with the jet colour map at OVERLAY_ALPHA, as ``plots.plot_attention_overlays`` draws it.
     """
-    heat = viz.upsample_map(grid[None], pixels.shape[:2])[0].numpy()  # (h, w)
+    heat = upsample_map(grid[None], pixels.shape[:2])[0].numpy()  # (h, w)
     low, high = float(heat.min()), float(heat.max())
     heat = (heat - low) / (high - low) if high > low else np.zeros_like(heat)
     colours = JET[np.rint(heat * 255).astype(np.int64)]  # (h, w, 3)
@@ -123,7 +123,8 @@ def _parse_layer_head(layer: str, head: str) -> tuple[int, int | str]:
     try:
         return int(layer), (head if head == "mean" else int(head))
     except ValueError:
-        raise UploadError(f"layer must be an integer and head an integer or 'mean', got {layer!r} and {head!r}")
+        raise UploadError(f"layer must be an integer and head an integer or 'mean', got {layer!r} and {head!r}") \
+            from None
 
 
 def _too_large() -> UploadError:
@@ -268,8 +269,9 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def serve(predictor: Predictor, title: str, host: str = "127.0.0.1", port: int = 7860,
-          log=partial(print, flush=True)) -> None:
-    """Serve the page until interrupted. ``log`` gets the address line (and a warning off loopback)."""
+          log: Callable[[str], None] | None = None) -> None:
+    """Serve the page until interrupted. ``log`` gets the address line (and a warning off loopback); default print."""
+    log = log or partial(print, flush=True)
     sock = _listen(host, port)
     bound_port = sock.getsockname()[1]
     url_host = f"[{host}]" if ":" in host else host

@@ -5,8 +5,10 @@ Training writes ``RUN_DIR/tensorboard/events.out.tfevents.*``:
 * after every epoch, the numbers of that epoch's metrics.jsonl record
   (``EPOCH_KEYS``) under ``epoch/<key>``, e.g. ``epoch/test_acc`` (a fraction,
   as in metrics.jsonl);
-* every ``step_every`` optimizer steps, the batch loss and the learning rate
-  under ``step/loss`` and ``step/lr``.
+* every ``step_every`` optimizer steps, the loss of that step's batch and the
+  learning rate under ``step/loss`` and ``step/lr``. The training loop reads its
+  running values from the device at the same interval (see ``train.py``), so
+  logging costs no extra wait for the device.
 
 The x value of every scalar is the optimizer step (an epoch's numbers sit at
 the step that ended it), so the two groups share one axis. View them with
@@ -38,7 +40,7 @@ class TensorBoardLog:
     being drawn twice.
     """
 
-    step_every = 10  # log the batch loss and lr every this many optimizer steps
+    step_every = 10  # log the batch loss and lr every this many optimizer steps (the loop reads them then)
 
     def __init__(self, run_dir: Path | str, enabled: bool = True, resume_step: int = 0):
         self.writer = None

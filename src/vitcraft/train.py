@@ -1,24 +1,33 @@
 """The training loop, readable top to bottom, and the recipe it follows.
 
-``train(run_config, out_dir)`` loads the data (in memory, see ``data.py``),
-builds the model from a preset with the data's image size, channels and
-classes, then per epoch: augment each batch, forward under autocast, backward,
-clip, step AdamW at ``learning_rate_at(step)``; evaluate; write the
-checkpoint, the weights and the metrics atomically. Under torchrun it trains
-with DistributedDataParallel; only rank 0 writes files.
+``train(run_config, out_dir)`` is the outline:
+
+1. ``set_up``: ranks and device; the data (in memory, see ``data.py``); the
+   teacher, if distilling; the model, built from a preset with the data's image
+   size, channels and classes; AdamW, the grad scaler (fp16 only) and the
+   augmentations; the schedule's length. A resumed run loads its checkpoint, a
+   new one writes config.json.
+2. per epoch, ``train_one_epoch``: augment each batch, forward under autocast,
+   backward, clip, step AdamW at ``learning_rate_at(step)``. Loss and accuracy
+   sums stay on the device and are read every ``TensorBoardLog.step_every`` steps
+   (progress bar, TensorBoard, the divergence check) and at the epoch's end;
+3. ``end_of_epoch``: evaluate, append the metrics record, write the checkpoint,
+   the weights and metrics.jsonl atomically, log;
+4. at the end, the figures.
+
+Under torchrun it trains with DistributedDataParallel, each rank on its shard of
+every epoch; only rank 0 writes files and logs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -27,206 +36,28 @@ from torch import nn
 from tqdm import tqdm
 
 from vitcraft import checkpoint as ckpt
+from vitcraft import runs
 from vitcraft.augment import BatchAugment, Normalization
-from vitcraft.augment_extra import ExtraAugment
-from vitcraft.config import check_keys, check_types, short_repr
-from vitcraft.data import ImageTensorDataset, epoch_indices, iterate_batches, load_splits
-from vitcraft.device import (autocast, autocast_dtype, available_cpus, distributed_backend, grad_scaler,
-                             keep_freed_memory, pick_device)
-from vitcraft.distill import DISTILLATIONS, Distiller, load_teacher
+from vitcraft.config import TrainConfig
+from vitcraft.data import ImageTensorDataset, derive_seed, epoch_indices, iterate_batches, load_splits
+from vitcraft.deit_augment import DeiTAugment
+from vitcraft.device import (
+    autocast,
+    autocast_dtype,
+    available_cpus,
+    distributed_backend,
+    grad_scaler,
+    keep_freed_memory,
+    pick_device,
+)
+from vitcraft.distill import Distiller, load_teacher
 from vitcraft.errors import VitcraftError
-from vitcraft.io import atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries
+from vitcraft.files import atomic_write_json
 from vitcraft.model import count_parameters
 from vitcraft.registry import get_preset, preset_config
 from vitcraft.resize import allow_image_sizes, progressive_size, resize_batch
-from vitcraft.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, remove_event_files
-
-SCHEDULES = ("constant", "cosine")
-RUN_CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-# files a run writes; --overwrite removes exactly these, nothing else in the folder
-RUN_FILES = (RUN_CONFIG_FILE, METRICS_FILE, ckpt.MODEL_FILE, ckpt.MODEL_META_FILE, ckpt.CHECKPOINT_FILE,
-             "samples.png", "curves.png", "attention.png", "rollout.png", "confusion.png", "report.html",
-             TENSORBOARD_DIR)
-
-
-@dataclass
-class TrainConfig:
-    """The optimisation recipe. Defaults are the seed tutorial's."""
-
-    epochs: int = 15
-    batch_size: int = 256  # global batch (split across ranks under torchrun)
-    learning_rate: float = 1e-3  # peak learning rate of AdamW
-    weight_decay: float = 1e-2  # AdamW decay, on weight matrices only (not biases, norms, [CLS], positions)
-    schedule: str = "constant"  # "constant" (the tutorial) or "cosine" decay to min_lr, both after warmup
-    warmup_steps: int = 0  # linear warmup from ~0 to learning_rate over this many steps
-    min_lr: float = 0.0  # where cosine ends
-    max_steps: int | None = None  # stop after this many steps in all (the schedule ends there too)
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None  # clip the global gradient norm to this; None: off
-    seed: int = 0
-    precision: str = "auto"  # auto, fp32, bf16, fp16 (see device.autocast_dtype)
-    grad_checkpointing: bool = False  # recompute blocks in backward to save memory
-    device: str = "auto"  # auto: cuda, then mps, then cpu
-    eval_batch_size: int = 500  # small enough for malloc to reuse its activations (device.keep_freed_memory)
-    flip_p: float = 0.5  # random horizontal flip probability; 0: off
-    crop_scale: list[float] | None = field(default_factory=lambda: [0.8, 1.0])  # RandomResizedCrop area; None: off
-    num_threads: int | None = None  # CPU threads; None: all available cores (split across local ranks)
-    # stronger augmentation (augment_extra.py), all off in the seed's recipe; DeiT's: randaugment,
-    # random_erasing 0.25, mixup_alpha 0.8, cutmix_alpha 1.0, label_smoothing 0.1
-    auto_augment: str | None = None  # "randaugment" or "trivialaugment", one draw per image; None: off
-    random_erasing: float = 0.0  # probability of replacing a random box of each image by noise
-    mixup_alpha: float = 0.0  # MixUp of image pairs with lam ~ Beta(alpha, alpha); 0: off
-    cutmix_alpha: float = 0.0  # CutMix (a pasted box) with lam ~ Beta(alpha, alpha); 0: off
-    mix_prob: float = 1.0  # probability that a batch is mixed when MixUp or CutMix is on
-    # distillation (distill.py): a trained run directory whose model teaches this one
-    teacher: str | None = None
-    distillation: str = "hard"  # "hard": the teacher's top class; "soft": its distribution at distill_tau
-    distill_alpha: float = 0.5  # weight of the teacher's loss; the labels' loss gets 1 - alpha
-    distill_tau: float = 1.0  # temperature of soft distillation
-    # progressive resizing (resize.py): train at these image sizes in turn, the epochs split evenly
-    # (e.g. [16, 24, 32]); evaluation and the saved model stay at the data's size. None: off
-    progressive_sizes: list[int] | None = None
-
-    def __post_init__(self) -> None:
-        check_types(TrainConfig, vars(self), what="train setting")  # first: the checks below compare values
-        positive = ("epochs", "batch_size", "eval_batch_size")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise VitcraftError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.learning_rate > 0:
-            raise VitcraftError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if self.weight_decay < 0 or self.warmup_steps < 0 or self.min_lr < 0:
-            raise VitcraftError("weight_decay, warmup_steps and min_lr must not be negative")
-        if self.schedule not in SCHEDULES:
-            raise VitcraftError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise VitcraftError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if not 0 <= self.flip_p <= 1:
-            raise VitcraftError(f"flip_p must be in [0, 1], got {self.flip_p!r}")
-        if self.crop_scale is not None:
-            if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-                raise VitcraftError(f"crop_scale must be two numbers 0 < low <= high <= 1, got {self.crop_scale!r}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise VitcraftError(f"max_steps must be positive, got {self.max_steps!r}")
-        for name in ("grad_clip", "num_threads"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise VitcraftError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if not 0 <= self.seed < 2**32:  # the per-epoch seeds derived from it must fit torch's 64 bits
-            raise VitcraftError(f"seed must be in [0, 2**32), got {self.seed!r}")
-        extra_augment(self, num_classes=1)  # checks auto_augment, random_erasing, mixup/cutmix_alpha, mix_prob
-        if self.distillation not in DISTILLATIONS:
-            raise VitcraftError(f"distillation must be one of {', '.join(DISTILLATIONS)}; got {self.distillation!r}")
-        if not 0 <= self.distill_alpha <= 1 or not self.distill_tau > 0:
-            raise VitcraftError(f"distill_alpha must be in [0, 1] and distill_tau positive, got "
-                                f"{self.distill_alpha!r} and {self.distill_tau!r}")
-        if self.progressive_sizes is not None and (
-                not self.progressive_sizes
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.progressive_sizes)):
-            raise VitcraftError(f"progressive_sizes must be a list of positive integers (image sizes), "
-                                f"got {self.progressive_sizes!r}")
-
-
-def extra_augment(train: TrainConfig, num_classes: int) -> ExtraAugment:
-    """The recipe's RandAugment/TrivialAugment, random erasing and MixUp/CutMix settings (validated)."""
-    return ExtraAugment(num_classes, train.auto_augment, train.random_erasing, train.mixup_alpha,
-                        train.cutmix_alpha, train.mix_prob)
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from and how they are prepared."""
-
-    data: str = "cifar10"  # a torchvision dataset name or an ImageFolder-layout folder
-    data_root: str | None = None  # where torchvision datasets are downloaded (default: the cache)
-    image_size: int | None = None  # resize every image to this square size; None: the data's own
-    cache_dir: str | None = None  # where decoded folders are cached (default ~/.cache/vitcraft)
-    mean: list[float] | None = None  # normalisation; None: 0.5 per channel, as the tutorial
-    std: list[float] | None = None
-
-    def __post_init__(self) -> None:
-        check_types(DataConfig, vars(self), what="data setting")
-        if self.image_size is not None and self.image_size <= 0:
-            raise VitcraftError(f"image_size must be positive, got {self.image_size!r}")
-        if self.std is not None and not all(value > 0 for value in self.std):
-            raise VitcraftError(f"std values divide the pixels, so they must be positive; got {self.std!r}")
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs: model preset and overrides, recipe, data."""
-
-    preset: str = "seed-tiny"
-    model: dict[str, Any] = field(default_factory=dict)  # ViTConfig overrides on top of the preset
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-
-    def __post_init__(self) -> None:
-        # fail on a bad preset name, model key or value type before any data is loaded
-        if not isinstance(self.preset, str) or not isinstance(self.model, Mapping):
-            raise VitcraftError(f"preset must be a name and model a mapping of overrides, got "
-                                f"{short_repr(self.preset)} and {short_repr(self.model)}")
-        config_class = get_preset(self.preset).config_class
-        check_keys(self.model, config_class.field_names(), what="model config key")
-        check_types(config_class, self.model, what="model setting")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
-        check_run_sections(values, "a run config")
-        train = values.get("train", {}) or {}
-        data = values.get("data", {}) or {}
-        check_keys(train, [f.name for f in dataclasses.fields(TrainConfig)], what="train setting")
-        check_keys(data, [f.name for f in dataclasses.fields(DataConfig)], what="data setting")
-        return cls(preset=values.get("preset", "seed-tiny"), model=dict(values.get("model", {}) or {}),
-                   train=TrainConfig(**train), data=DataConfig(**data))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def check_run_sections(values: Any, where: str) -> None:
-    """Raise VitcraftError unless ``values`` maps known sections to mappings (model, train, data)
-    or to a name (preset)."""
-    if not isinstance(values, Mapping):
-        raise VitcraftError(f"{where} must be a mapping with sections preset/model/train/data, "
-                            f"got {type(values).__name__}")
-    check_keys(values, ["preset", "model", "train", "data"], what="run config section")
-    if not isinstance(values.get("preset", ""), str):
-        raise VitcraftError(f"preset in {where} must be a model name, got {short_repr(values['preset'])}")
-    for name in ("model", "train", "data"):
-        if not isinstance(values.get(name) or {}, Mapping):
-            raise VitcraftError(f"the {name} section of {where} must be a mapping of settings, "
-                                f"got {short_repr(values[name])}")
-
-
-def load_run_config(run_dir: Path | str) -> RunConfig:
-    """The RunConfig a run directory was started with."""
-    path = Path(run_dir) / RUN_CONFIG_FILE
-    if not path.is_file():
-        raise VitcraftError(f"{run_dir} holds no run ({RUN_CONFIG_FILE} is missing)")
-    saved = read_json(path)
-    if not isinstance(saved, dict) or "run" not in saved:
-        raise VitcraftError(f"{path} is not a vitcraft run config (it has no 'run' section)")
-    return RunConfig.from_dict(saved["run"])
-
-
-def load_run_config_file(path: Path | str) -> dict[str, Any]:
-    """A YAML or JSON file holding any of the sections preset, model, train, data."""
-    path = Path(path)
-    if not path.is_file():
-        raise VitcraftError(f"config file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except Exception as error:  # UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError, RecursionError
-        raise VitcraftError(f"cannot parse config file {path}: {error}") from None
-    check_run_sections(values, f"config file {path}")  # the CLI merges the sections before from_dict
-    return values
+from vitcraft.runs import RunConfig
+from vitcraft.tensorboard_log import TensorBoardLog
 
 
 # ------------------------------------------------------------------ recipe
@@ -242,6 +73,17 @@ def learning_rate_at(step: int, train: TrainConfig, total_steps: int) -> float:
         return train.learning_rate
     progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
     return train.min_lr + 0.5 * (train.learning_rate - train.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_augmentations(train: TrainConfig, normalization: Normalization,
+                        num_classes: int) -> tuple[BatchAugment, DeiTAugment]:
+    """The recipe's augmentations: crop, flip and normalise (BatchAugment); RandAugment/TrivialAugment,
+    random erasing and MixUp/CutMix (DeiTAugment, validated, all off by default)."""
+    crop_and_flip = BatchAugment(normalization, flip_p=train.flip_p,
+                                 crop_scale=tuple(train.crop_scale) if train.crop_scale else None)
+    stronger = DeiTAugment(num_classes, auto_augment=train.auto_augment, random_erasing=train.random_erasing,
+                           mixup_alpha=train.mixup_alpha, cutmix_alpha=train.cutmix_alpha, mix_prob=train.mix_prob)
+    return crop_and_flip, stronger
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
@@ -304,12 +146,11 @@ class Distributed:
         return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
                    int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))
 
-    def all_reduce_sum(self, values: list[float], device: torch.device) -> list[float]:
-        if self.world_size == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
+    def all_reduce_sum(self, values: torch.Tensor) -> list[float]:
+        """``values`` (1-D, on this rank's device) summed over the ranks, read to the host."""
+        if self.world_size > 1:
+            dist.all_reduce(values)
+        return values.tolist()
 
     def run_on_main(self, action: Callable[[], None]) -> None:
         """Call ``action`` on rank 0 only; a VitcraftError it raises is raised on every rank.
@@ -350,9 +191,14 @@ def _setup_distributed(train: TrainConfig) -> tuple[Distributed, torch.device]:
 
 
 # ---------------------------------------------------------------- evaluate
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the sums kept on the device: float64, so counts stay exact; MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ImageTensorDataset, normalization: Normalization,
-             device: torch.device, dtype: torch.dtype | None, batch_size: int = 1000,
+             device: torch.device, dtype: torch.dtype | None, batch_size: int = TrainConfig.eval_batch_size, *,
              ddp: Distributed = Distributed(), progress: bool = False) -> dict[str, Any]:
     """Loss, top-1, top-5 and per-class accuracy on a whole split (sharded across ranks).
 
@@ -362,9 +208,10 @@ def evaluate(model: nn.Module, dataset: ImageTensorDataset, normalization: Norma
     model.eval()
     num_classes = len(dataset.class_names)
     order = torch.arange(len(dataset))[ddp.rank::ddp.world_size]
-    loss_sum, correct, correct5 = 0.0, 0.0, 0.0
-    class_correct = torch.zeros(num_classes, dtype=torch.float64)
-    class_total = torch.zeros(num_classes, dtype=torch.float64)
+    # summed on the device and read once: reading per batch would wait for every batch to finish
+    totals = torch.zeros(3, dtype=_sum_dtype(device), device=device)  # loss, top-1 hits, top-5 hits
+    class_correct = torch.zeros(num_classes, dtype=totals.dtype, device=device)
+    class_total = torch.zeros_like(class_correct)
     predictions = []
     batches = iterate_batches(dataset, order, batch_size)
     for images, labels in tqdm(batches, total=math.ceil(len(order) / batch_size), desc="evaluate",
@@ -373,66 +220,77 @@ def evaluate(model: nn.Module, dataset: ImageTensorDataset, normalization: Norma
         with autocast(device, dtype):
             logits, _ = model(normalization(images))
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         top = logits.topk(min(5, num_classes), dim=1).indices
         hit1 = top[:, 0] == labels
-        correct += hit1.sum().item()
-        correct5 += (top == labels[:, None]).any(1).sum().item()
-        class_total += torch.bincount(labels.cpu(), minlength=num_classes).double()
-        class_correct += torch.bincount(labels[hit1].cpu(), minlength=num_classes).double()
-        predictions.append(top[:, 0].cpu())
-    totals = ddp.all_reduce_sum([loss_sum, correct, correct5, *class_correct.tolist(), *class_total.tolist()], device)
-    count = sum(totals[3 + num_classes:])
-    per_class_correct = torch.tensor(totals[3:3 + num_classes])
-    per_class_total = torch.tensor(totals[3 + num_classes:])
+        totals[0] += F.cross_entropy(logits, labels, reduction="sum")
+        totals[1] += hit1.sum()
+        totals[2] += (top == labels[:, None]).any(1).sum()
+        # index_add_ rather than bincount, which reads the largest label back to size its output
+        class_total.index_add_(0, labels, torch.ones(len(labels), dtype=totals.dtype, device=device))
+        class_correct.index_add_(0, labels, hit1.to(totals.dtype))
+        predictions.append(top[:, 0])
+    sums = ddp.all_reduce_sum(torch.cat([totals, class_correct, class_total]))
+    per_class_correct, per_class_total = sums[3:3 + num_classes], sums[3 + num_classes:]
+    count = sum(per_class_total)
     return {
-        "loss": totals[0] / count, "acc": totals[1] / count, "top5": totals[2] / count,
-        "per_class_acc": (per_class_correct / per_class_total.clamp(min=1)).tolist(),
-        "predictions": torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long),
+        "loss": sums[0] / count, "acc": sums[1] / count, "top5": sums[2] / count,
+        "per_class_acc": [hits / max(total, 1) for hits, total in zip(per_class_correct, per_class_total)],
+        "predictions": torch.cat(predictions).cpu() if predictions else torch.empty(0, dtype=torch.long),
     }
 
 
 # ------------------------------------------------------------------- train
-def _prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (out_dir / ckpt.CHECKPOINT_FILE).is_file():
-            raise VitcraftError(f"cannot resume: {out_dir} holds no checkpoint ({ckpt.CHECKPOINT_FILE} is missing)")
-        remove_stale_temporaries(out_dir, RUN_FILES)  # left by a kill mid-write; the files themselves are whole
-        return
-    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise VitcraftError(f"{out_dir} already holds a run ({', '.join(existing)}); use --resume {out_dir} "
-                            f"to continue it, --overwrite to replace it, or another --out")
-    for name in existing:
-        if name == TENSORBOARD_DIR:
-            remove_event_files(out_dir)  # the event files only; a user's own files there stay
-        else:
-            (out_dir / name).unlink()
-    remove_stale_temporaries(out_dir, RUN_FILES)
+@dataclass
+class Training:
+    """What ``set_up`` built for a run, and how far the run has got (``step``, ``history``)."""
+
+    run: RunConfig
+    out_dir: Path
+    ddp: Distributed
+    device: torch.device
+    dtype: torch.dtype | None  # autocast's; None: fp32
+    train_set: ImageTensorDataset
+    test_set: ImageTensorDataset
+    normalization: Normalization
+    model: nn.Module
+    ddp_model: nn.Module  # what the loop calls: the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # a no-op unless fp16
+    augment: BatchAugment
+    extra: DeiTAugment  # RandAugment, random erasing, MixUp/CutMix
+    distiller: Distiller | None  # with a teacher: the loss
+    local_batch: int  # this rank's share of the global batch
+    steps_per_epoch: int
+    total_steps: int  # where the schedule ends: all epochs' steps, or max_steps if fewer
+    metadata: dict[str, Any]  # saved with the weights: model config, classes, normalisation
+    history: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl records so far
+    start_epoch: int = 0
+    step: int = 0  # optimizer steps taken
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.run.train
 
 
-def _write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
-    atomic_write_text(out_dir / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in history))
+@dataclass
+class EpochSums:
+    """One epoch's training totals over all ranks, and what the epoch's record needs besides."""
+
+    loss_sum: float  # sum over images of the batch-mean loss
+    correct: float  # top-1 hits on the un-mixed labels
+    seen: float  # images
+    lr: float  # of the epoch's last step
+    image_size: int  # of the training images (progressive resizing)
+    started: float  # time.perf_counter() at the epoch's start
+    train_seconds: float
 
 
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    return (f"epoch {record['epoch']}/{epochs}  train_loss {record['train_loss']:.4f}  "
-            f"test_loss {record['test_loss']:.4f}  test_acc {100 * record['test_acc']:.2f}%  "
-            f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f}s")
-
-
-def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, figures: bool = True, log=print, tensorboard: bool = True) -> dict[str, Any]:
-    """Train (or resume) a run into ``out_dir``; return its last metrics record.
-
-    To resume, pass the run's own config (``load_run_config(out_dir)``), with
-    more epochs if it should train longer. With ``tensorboard`` (and the
-    tensorboard package installed) scalars also go to ``out_dir/tensorboard``.
-    """
-    out_dir = Path(out_dir)
+def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figures: bool,
+           log: Callable[[str], None]) -> Training:
+    """Everything a run trains with; a resumed run's state from its checkpoint, a new run's config.json."""
     cfg = run.train
     ddp, device = _setup_distributed(cfg)
-    ddp.run_on_main(lambda: _prepare_run_dir(out_dir, resume, overwrite))
+    ddp.run_on_main(lambda: runs.prepare_run_dir(out_dir, resume=resume, overwrite=overwrite))
     torch.manual_seed(cfg.seed)
 
     cache_dir = Path(run.data.cache_dir) if run.data.cache_dir else None
@@ -444,25 +302,23 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
     distiller = None
     if cfg.teacher:  # loaded before the student is seeded, and checked before anything is trained
         teacher = load_teacher(cfg.teacher, train_set.class_names, train_set.num_channels, normalization, device)
-        teacher.dtype = autocast_dtype(device, load_run_config(cfg.teacher).train.precision)  # its own precision
+        teacher.dtype = autocast_dtype(device, runs.load_run_config(cfg.teacher).train.precision)  # its own precision
         distiller = Distiller(teacher, cfg.distillation, cfg.distill_alpha, cfg.distill_tau, cfg.label_smoothing)
 
     model_config = resolve_model_config(run, train_set)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = get_preset(run.preset).builder(model_config).to(device)
     if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(enable=True)
     if cfg.progressive_sizes:
         allow_image_sizes(model, cfg.progressive_sizes, run.preset)
     optimizer = build_optimizer(model, cfg)
     dtype = autocast_dtype(device, cfg.precision)
-    scaler = grad_scaler(device, dtype)
-    augment = BatchAugment(normalization, cfg.flip_p, tuple(cfg.crop_scale) if cfg.crop_scale else None)
-    extra = extra_augment(cfg, len(train_set.class_names))
+    augment, extra = build_augmentations(cfg, normalization, len(train_set.class_names))
 
     local_batch = cfg.batch_size // ddp.world_size
-    steps_per_epoch = math.ceil(len(epoch_indices(len(train_set), cfg.seed, 0, True, ddp.rank, ddp.world_size))
-                                / local_batch)
+    shard = epoch_indices(len(train_set), cfg.seed, 0, shuffle=False, rank=ddp.rank, world_size=ddp.world_size)
+    steps_per_epoch = math.ceil(len(shard) / local_batch)  # every epoch's shard has this length, padded alike
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -471,19 +327,22 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
         "class_names": train_set.class_names, "mean": list(normalization.mean), "std": list(normalization.std),
         "num_parameters": count_parameters(model),
     }
-    history: list[dict[str, Any]] = []
-    start_epoch, step = 0, 0
+    t = Training(run=run, out_dir=out_dir, ddp=ddp, device=device, dtype=dtype, train_set=train_set,
+                 test_set=test_set, normalization=normalization, model=model, ddp_model=model,
+                 optimizer=optimizer, scaler=grad_scaler(device, dtype), augment=augment, extra=extra,
+                 distiller=distiller, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
+                 total_steps=total_steps, metadata=metadata)
     if resume:
-        state = ckpt.load_checkpoint(out_dir, model, optimizer, scaler)
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        state = ckpt.load_checkpoint(out_dir, model, optimizer, t.scaler)
+        t.start_epoch, t.step, t.history = state["epoch"], state["step"], state["history"]
         if ddp.is_main:
             # a kill between the checkpoint and the files after it leaves those a step behind:
             # bring them back in line with the checkpoint (also when no epoch is left to run)
-            _write_metrics(out_dir, history)
-            ckpt.save_model(out_dir, model, metadata)
-            log(f"resuming {out_dir} after epoch {start_epoch} (step {step})")
+            runs.write_metrics(out_dir, t.history)
+            runs.save_model(out_dir, model, metadata)
+            log(f"resuming {out_dir} after epoch {t.start_epoch} (step {t.step})")
     elif ddp.is_main:
-        atomic_write_json(out_dir / RUN_CONFIG_FILE, {"run": run.to_dict(), **metadata})
+        atomic_write_json(out_dir / runs.RUN_CONFIG_FILE, {"run": run.to_dict(), **metadata})
     if ddp.is_main:
         log(f"training {run.preset} ({metadata['num_parameters']:,} parameters) on {run.data.data}: "
             f"{len(train_set):,} train / {len(test_set):,} test images, {train_set.image_size}x"
@@ -491,95 +350,151 @@ def train(run: RunConfig, out_dir: Path | str, resume: bool = False, overwrite: 
             f"device {device}, precision {dtype or torch.float32}, {torch.get_num_threads()} threads, "
             f"{ddp.world_size} rank(s)")
         if figures and not resume:
-            from vitcraft.figures import draw_samples
+            from vitcraft.plots import draw_samples
 
             draw_samples(out_dir / "samples.png", train_set, augment, train_set.class_names, cfg.seed)
-
-    ddp_model = model
     if ddp.world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        t.ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return t
 
-    board = TensorBoardLog(out_dir, enabled=tensorboard and ddp.is_main, resume_step=step)
-    show_bar = progress and ddp.is_main and sys.stderr.isatty()
-    for epoch in range(start_epoch, cfg.epochs):
-        if step >= total_steps:
+
+def _raise_if_diverged(loss_sum: float, first_step: int, last_step: int, epoch: int, out_dir: Path) -> None:
+    """Stop with advice if the summed loss of steps ``first_step``..``last_step`` (1-based) is not finite.
+
+    The loss is read only every few steps, so the step that diverged is known to lie in that range.
+    """
+    if math.isfinite(loss_sum):
+        return
+    first_step = min(first_step, last_step)  # another rank's loss may have turned first
+    where = f"at step {last_step}" if first_step == last_step else f"between steps {first_step} and {last_step}"
+    raise VitcraftError(
+        f"the loss became {loss_sum} {where} (epoch {epoch + 1}): training diverged. "
+        f"Try a lower --lr, --grad-clip 1.0 or --precision fp32; the last good checkpoint in "
+        f"{out_dir} is kept (--resume continues from it)")
+
+
+def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bool) -> EpochSums:
+    """Train epoch ``epoch`` (0-based), or until ``t.total_steps``; its sums over all ranks.
+
+    The sums stay on the device: reading one (``.item()``) waits for every queued
+    step to finish, a stall per step on a GPU. They are read every
+    ``board.step_every`` steps (progress bar, TensorBoard, divergence check) and
+    once at the end.
+    """
+    cfg, ddp, device = t.cfg, t.ddp, t.device
+    t.ddp_model.train()
+    started = time.perf_counter()
+    order = epoch_indices(len(t.train_set), cfg.seed, epoch, shuffle=True, rank=ddp.rank, world_size=ddp.world_size)
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "augment", epoch, ddp.rank))
+    # every rank seeded the global RNG alike for equal initial weights; its own seed per rank
+    # gives the ranks different dropout masks, and per epoch a resume the same masks
+    torch.manual_seed(derive_seed(cfg.seed, "dropout", epoch, ddp.rank))
+    image_size = progressive_size(cfg.progressive_sizes, epoch, cfg.epochs, t.train_set.image_size)
+    sums = torch.zeros(2, dtype=_sum_dtype(device), device=device)  # loss * images, top-1 hits
+    seen, checked_step, lr = 0, t.step, learning_rate_at(t.step, cfg, t.total_steps)
+    bar = tqdm(total=min(t.steps_per_epoch, t.total_steps - t.step), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not show_bar, dynamic_ncols=True)
+    for images, labels in iterate_batches(t.train_set, order, t.local_batch):
+        if t.step >= t.total_steps:
             break
-        ddp_model.train()
-        started = time.perf_counter()
-        order = epoch_indices(len(train_set), cfg.seed, epoch, True, ddp.rank, ddp.world_size)
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + ddp.rank)
-        if ddp.world_size > 1:
-            # Every rank starts from the same seed (for equal initial weights), so without this
-            # all ranks would draw the same dropout masks. Seeded per epoch, so a resume redraws them.
-            torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + ddp.rank + 0x9E3779B9)
-        loss_sum, correct, seen = 0.0, 0.0, 0
-        image_size = progressive_size(cfg.progressive_sizes, epoch, cfg.epochs, train_set.image_size)
-        bar = tqdm(total=min(steps_per_epoch, total_steps - step), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not show_bar, dynamic_ncols=True)
-        for images, labels in iterate_batches(train_set, order, local_batch):
-            if step >= total_steps:
-                break
-            lr = learning_rate_at(step, cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = augment(extra.policy(images, generator), generator).to(device, non_blocking=True)
-            images = resize_batch(images, image_size)  # progressive resizing; a no-op at the data's size
-            labels = labels.to(device, non_blocking=True)
-            images, targets = extra.erase_and_mix(images, labels, generator)  # targets: labels or (B, K)
-            with autocast(device, dtype):
-                if distiller is not None:
-                    loss, logits = distiller(ddp_model, images, targets)
-                else:
-                    logits, _ = ddp_model(images)
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise VitcraftError(
-                    f"the loss became {loss_value} at epoch {epoch + 1}, step {step}: training diverged. "
-                    f"Try a lower --lr, --grad-clip 1.0 or --precision fp32; the last good checkpoint in "
-                    f"{out_dir} is kept (--resume continues from it)")
-            loss_sum += loss_value * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-            board.log_step(step, loss_value, lr)
-            bar.update(1)
-            if show_bar and bar.n % 10 == 0:
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
+        lr = learning_rate_at(t.step, cfg, t.total_steps)
+        for group in t.optimizer.param_groups:
+            group["lr"] = lr
+        images = t.augment(t.extra.policy(images, generator), generator).to(device, non_blocking=True)
+        images = resize_batch(images, image_size)  # progressive resizing; a no-op at the data's size
+        labels = labels.to(device, non_blocking=True)
+        images, targets = t.extra.erase_and_mix(images, labels, generator)  # targets: labels or (B, K)
+        with autocast(device, t.dtype):
+            if t.distiller is not None:
+                loss, logits = t.distiller(t.ddp_model, images, targets)
+            else:
+                logits, _ = t.ddp_model(images)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            t.scaler.unscale_(t.optimizer)
+            nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.step += 1
+        sums[0] += loss.detach() * len(labels)
+        sums[1] += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        bar.update(1)
+        if t.step % board.step_every == 0:
+            batch_loss, loss_sum = torch.stack([loss.detach().to(sums.dtype), sums[0]]).tolist()
+            _raise_if_diverged(loss_sum, checked_step + 1, t.step, epoch, t.out_dir)
+            checked_step = t.step
+            board.log_step(t.step, batch_loss, lr)
+            if show_bar:
+                bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.2e}",
                                 img_s=f"{seen * ddp.world_size / (time.perf_counter() - started):.0f}")
-        bar.close()
-        train_seconds = time.perf_counter() - started
-        loss_sum, correct, seen = ddp.all_reduce_sum([loss_sum, correct, float(seen)], device)
-        result = evaluate(model, test_set, normalization, device, dtype, cfg.eval_batch_size, ddp, progress)
-        record = {
-            "epoch": epoch + 1, "step": step, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-            "test_loss": result["loss"], "test_acc": result["acc"], "test_top5": result["top5"], "lr": lr,
-            "epoch_seconds": time.perf_counter() - started, "train_seconds": train_seconds,
-            "images_per_second": seen / train_seconds,
-        }
-        if cfg.progressive_sizes:
-            record["image_size"] = image_size  # of the training images this epoch
-        history.append(record)
-        if ddp.is_main:
-            ckpt.save_checkpoint(out_dir, model, optimizer, scaler,
-                                 {"epoch": epoch + 1, "step": step, "history": history})
-            ckpt.save_model(out_dir, model, metadata)
-            _write_metrics(out_dir, history)
-            log(_epoch_line(record, cfg.epochs))
-            board.log_epoch(record)
-    board.close()
-    if ddp.is_main and figures:
-        from vitcraft.figures import draw_run_figures
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    loss_sum, correct, seen = ddp.all_reduce_sum(torch.cat([sums, sums.new_tensor([seen])]))
+    _raise_if_diverged(loss_sum, checked_step + 1, t.step, epoch, t.out_dir)
+    return EpochSums(loss_sum, correct, seen, lr, image_size, started, train_seconds)
 
-        draw_run_figures(out_dir, model, test_set, normalization, history,
-                         [learning_rate_at(s, cfg, total_steps) for s in range(total_steps)], device)
-    if ddp.world_size > 1:
-        dist.barrier()
-    return history[-1] if history else {}
+
+def end_of_epoch(t: Training, epoch: int, sums: EpochSums, board: TensorBoardLog,
+                 log: Callable[[str], None], progress: bool) -> dict[str, Any]:
+    """Evaluate, append the epoch's record; on rank 0 write checkpoint, weights and metrics, and log it."""
+    cfg = t.cfg
+    result = evaluate(t.model, t.test_set, t.normalization, t.device, t.dtype, cfg.eval_batch_size,
+                      ddp=t.ddp, progress=progress)
+    record = {
+        "epoch": epoch + 1, "step": t.step, "train_loss": sums.loss_sum / sums.seen,
+        "train_acc": sums.correct / sums.seen, "test_loss": result["loss"], "test_acc": result["acc"],
+        "test_top5": result["top5"], "lr": sums.lr, "epoch_seconds": time.perf_counter() - sums.started,
+        "train_seconds": sums.train_seconds, "images_per_second": sums.seen / sums.train_seconds,
+    }
+    if cfg.progressive_sizes:
+        record["image_size"] = sums.image_size
+    t.history.append(record)
+    if t.ddp.is_main:
+        # the checkpoint first: a resume repairs the files after it (see set_up)
+        ckpt.save_checkpoint(t.out_dir, t.model, t.optimizer, t.scaler,
+                             {"epoch": epoch + 1, "step": t.step, "history": t.history})
+        runs.save_model(t.out_dir, t.model, t.metadata)
+        runs.write_metrics(t.out_dir, t.history)
+        log(_epoch_line(record, cfg.epochs))
+        board.log_epoch(record)
+    return record
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    return (f"epoch {record['epoch']}/{epochs}  train_loss {record['train_loss']:.4f}  "
+            f"test_loss {record['test_loss']:.4f}  test_acc {100 * record['test_acc']:.2f}%  "
+            f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f}s")
+
+
+def train(run: RunConfig, out_dir: Path | str, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, figures: bool = True, log=print, tensorboard: bool = True) -> dict[str, Any]:
+    """Train (or resume) a run into ``out_dir``; return its last metrics record.
+
+    To resume, pass the run's own config (``runs.load_run_config(out_dir)``), with
+    more epochs if it should train longer. With ``tensorboard`` (and the
+    tensorboard package installed) scalars also go to ``out_dir/tensorboard``.
+    Progress bars show only on a terminal.
+    """
+    t = set_up(run, Path(out_dir), resume=resume, overwrite=overwrite, figures=figures, log=log)
+    board = TensorBoardLog(t.out_dir, enabled=tensorboard and t.ddp.is_main, resume_step=t.step)
+    show_bar = progress and t.ddp.is_main and sys.stderr.isatty()
+    try:
+        for epoch in range(t.start_epoch, t.cfg.epochs):
+            if t.step >= t.total_steps:  # max_steps
+                break
+            sums = train_one_epoch(t, epoch, board, show_bar)
+            end_of_epoch(t, epoch, sums, board, log, progress)
+    finally:
+        board.close()  # keeps the steps logged before a divergence
+    if t.ddp.is_main and figures:
+        from vitcraft.plots import draw_run_figures
+
+        draw_run_figures(t.out_dir, t.model, t.test_set, t.normalization, t.history,
+                         [learning_rate_at(s, t.cfg, t.total_steps) for s in range(t.total_steps)], t.device)
+    if t.ddp.world_size > 1:
+        dist.barrier()  # no rank tears the process group down while rank 0 still draws
+    return t.history[-1] if t.history else {}

@@ -24,15 +24,16 @@ pre-LN blocks of vitcraft's ViT) and it uses stochastic depth 0.1 (ours have non
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from vitcraft.config import ViTConfig
-from vitcraft.model import Dropout, Encoder
-from vitcraft.variants.common import VariantConfig, check_positive_ints, init_linear_and_layernorm
+from vitcraft import ops
+from vitcraft.config import DictConfig, ViTConfig, check_positive_ints
+from vitcraft.model import Encoder
+from vitcraft.variants.common import init_linear_and_layernorm
 
 # The paper's pooling after each convolution: 3x3 windows, stride 2, padding 1, so a
 # side s becomes ceil(s / 2).
@@ -40,7 +41,7 @@ POOL_KERNEL, POOL_STRIDE, POOL_PADDING = 3, 2, 1
 
 
 @dataclass
-class CCTConfig(VariantConfig):
+class CCTConfig(DictConfig):
     """Every shape and regularisation choice of a :class:`CCTForClassification`.
 
     Defaults are the ``cct-7-3x1-32`` preset, the paper's CCT-7/3x1 for
@@ -66,7 +67,6 @@ class CCTConfig(VariantConfig):
     attention_backend: str = "sdpa"  # "sdpa", "fused" or "per_head", as in ViTConfig
     hidden_act: str = "gelu"  # exact GELU, as CCT
     layer_norm_eps: float = 1e-5
-    extra: dict = field(default_factory=dict, repr=False)  # free-form metadata kept with the config
 
     def __post_init__(self) -> None:
         self.validate()
@@ -177,7 +177,7 @@ class CCTForClassification(nn.Module):
         self.tokenizer = ConvTokenizer(config)
         # learnable positions: the tokens are a fixed grid, as in the paper's CIFAR models
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_tokens, config.hidden_size))
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = ops.Dropout(config.hidden_dropout_prob)
         self.encoder = Encoder(config.encoder_config())
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.pooling = SequencePooling(config.hidden_size)

@@ -16,21 +16,21 @@ recomputes each stage in the backward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitcraft.variants.common import VariantConfig, check_choice, check_positive_ints
+from vitcraft.config import DictConfig, check_choice, check_positive_ints
 
 ARCHITECTURES = ("resnet18", "small")
 SMALL_STAGES = 3  # conv-BN-ReLU-maxpool stages of the small network, each doubling the channels
 
 
 @dataclass
-class CNNConfig(VariantConfig):
+class CNNConfig(DictConfig):
     """The shape of a :class:`ConvNetForClassification`."""
 
     arch: str = "small"  # "resnet18" (CIFAR-style ResNet-18) or "small" (see the module docstring)
@@ -38,10 +38,13 @@ class CNNConfig(VariantConfig):
     num_channels: int = 3  # 3 for RGB, 1 for grayscale
     num_classes: int = 10  # width of the classifier output
     width: int = 32  # channels after the stem of the small network (ResNet-18's is fixed at 64)
-    extra: dict = field(default_factory=dict, repr=False)  # free-form metadata kept with the config
 
     def __post_init__(self) -> None:
-        check_choice("arch", self.arch, ARCHITECTURES)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise one ValueError naming the first bad field."""
+        check_choice(self, "arch", ARCHITECTURES)
         check_positive_ints(self, ("image_size", "num_channels", "num_classes", "width"))
         if self.arch == "resnet18" and self.width != 64:
             raise ValueError(f"resnet18 has a fixed width of 64, got width={self.width}")
@@ -78,7 +81,7 @@ class ConvNetForClassification(nn.Module):
     whose three poolings halve the maps). Out: (logits (B, num_classes), None).
     """
 
-    has_cls_token = False  # no attention maps to draw (see figures.attention_map_kind)
+    has_cls_token = False  # no attention maps to draw (see attention_maps.attention_map_kind)
 
     def __init__(self, config: CNNConfig | Mapping[str, Any]):
         super().__init__()
@@ -89,8 +92,8 @@ class ConvNetForClassification(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.classifier = nn.Linear(features, self.config.num_classes)
         self.gradient_checkpointing = False
-        # channels-last (NHWC) weights and activations: oneDNN's and cuDNN's fast convolution layout
-        # (training in bf16 on a 2-core CPU: 1.4-1.8x NCHW's speed at width 32). Module.to(device) keeps it.
+        # channels-last (NHWC) weights and activations: oneDNN's and cuDNN's fast convolution layout.
+        # Module.to(device) keeps it.
         self.to(memory_format=torch.channels_last)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -52,6 +52,7 @@ class DeiTForClassification(ViTForClassification):
     """
 
     num_prefix_tokens = DistilledEmbeddings.num_prefix_tokens  # for attention maps (timm's name)
+    model_type = None  # the hub layout has no place for the distillation token and head
 
     def __init__(self, config: ViTConfig | Mapping[str, Any]):
         config = as_config(config)
@@ -69,10 +70,7 @@ class DeiTForClassification(ViTForClassification):
 
     def forward_features(self, x: torch.Tensor, output_attentions: bool = False):
         """Images -> ((B, 2, hidden) normalised [CLS] and distillation outputs, attentions or None)."""
-        # the last block only needs the two prefix tokens' outputs (see Encoder), unless
-        # the caller wants that block's full attention maps
-        keep = False if output_attentions else self.embedding.num_prefix_tokens
-        hidden_states, all_attentions = self.encoder(self.embedding(x), output_attentions, keep)
+        hidden_states, all_attentions = self.encode(x, output_attentions)  # last block: the two prefix tokens
         return self.final_layernorm(hidden_states[:, :2]), all_attentions
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False, return_both: bool = False):

@@ -30,17 +30,24 @@ vitcraft.model's, with the bias added to the attention scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitcraft.config import ViTConfig
+from vitcraft.config import (
+    DictConfig,
+    ViTConfig,
+    check_bools,
+    check_choice,
+    check_fractions,
+    check_positive_ints,
+    check_positive_numbers,
+)
 from vitcraft.model import MLP, FasterMultiHeadAttention, PatchEmbeddings
-from vitcraft.variants.common import (VariantConfig, check_bools, check_choice, check_fractions,
-                                      check_positive_ints, check_positive_numbers, init_linear_and_layernorm)
+from vitcraft.variants.common import init_linear_and_layernorm
 
 # Added to the scores of (query, key) pairs in different regions of a rolled grid.
 # After the softmax such a pair weighs about exp(-100) = 4e-44 of an allowed one,
@@ -51,7 +58,7 @@ SWIN_ATTENTION_BACKENDS = ("fused", "sdpa")  # the per-head modules take no scor
 
 
 @dataclass
-class SwinConfig(VariantConfig):
+class SwinConfig(DictConfig):
     """Every shape and regularisation choice of a :class:`SwinForClassification`.
 
     Defaults are the ``swin-tiny-32`` preset: 32x32 images, 2x2 patches (a 16x16
@@ -75,7 +82,6 @@ class SwinConfig(VariantConfig):
     initializer_range: float = 0.02  # std of the truncated-normal init of Linear weights and bias tables
     layer_norm_eps: float = 1e-5
     attention_backend: str = "sdpa"  # "sdpa" (fused kernel) or "fused" (explicit softmax)
-    extra: dict = field(default_factory=dict, repr=False)  # free-form metadata kept with the config
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; keep tuples so configs compare equal
@@ -99,7 +105,7 @@ class SwinConfig(VariantConfig):
         check_positive_numbers(self, ("mlp_ratio", "initializer_range", "layer_norm_eps"))
         check_fractions(self, ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"))
         check_bools(self, ("qkv_bias",))
-        check_choice("attention_backend", self.attention_backend, SWIN_ATTENTION_BACKENDS)
+        check_choice(self, "attention_backend", SWIN_ATTENTION_BACKENDS)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
         halvings = 2 ** (self.num_stages - 1)

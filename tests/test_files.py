@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vitcraft.errors import VitcraftError
-from vitcraft.io import atomic_write, atomic_write_json, load_tensors, read_json, save_tensors_atomic
+from vitcraft.files import atomic_write, atomic_write_json, load_tensors, read_json, save_tensors_atomic
 
 
 def current_umask() -> int:

@@ -7,13 +7,10 @@ flip and random resized crop) is unchanged. In the training loop:
    the uint8 batch, before BatchAugment. Those transforms draw ONE random
    operation per call, so on a whole batch every image would get the same
    one; here each image (or each chunk of ``chunk_size`` images) gets its own
-   call. Measured on one CPU thread (a shared machine), a batch of 256 32x32
-   images, next to seed-tiny's training step on it (0.9 s): RandAugment (2
-   ops) per image 130-140 ms, about 15 % of the step; TrivialAugment 70-77 ms,
-   about 8 %; in chunks of 8 images 25-34 and 15-21 ms (2-3 %). Calling
-   torchvision once per image is Python overhead mostly, so the share grows
-   where the step is faster (more threads, a GPU); ``chunk_size`` trades
-   per-image randomness for speed.
+   call. Calling torchvision once per image is mostly Python overhead, so its
+   share of the step grows where the step is faster (more threads, a GPU);
+   ``chunk_size`` trades per-image randomness for speed (README gives the
+   measured cost).
 2. ``erase_and_mix``: on the normalised float batch, random erasing (a box of
    per-pixel normal noise, as timm's RandomErasing in "pixel" mode, boxes
    drawn like torchvision's), then MixUp or CutMix with one Beta(alpha,
@@ -38,9 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from vitcraft.augment import sample_crop_boxes
+from vitcraft.config import AUTO_AUGMENTS
 from vitcraft.errors import VitcraftError
 
-AUTO_AUGMENTS = ("randaugment", "trivialaugment")
 ERASING_SCALE = (0.02, 1 / 3)  # box area as a fraction of the image (torchvision's and timm's defaults)
 ERASING_RATIO = (0.3, 3.3)  # box aspect ratio range
 CUTMIX_OR_MIXUP = 0.5  # with both on, the probability that a mixed batch uses CutMix (timm's switch_prob)
@@ -160,7 +157,7 @@ def mix_batch(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alp
 
 
 @dataclass(frozen=True)
-class ExtraAugment:
+class DeiTAugment:
     """The optional augmentations of a recipe, around BatchAugment; everything off by default.
 
     ``policy`` runs on the uint8 batch before BatchAugment, ``erase_and_mix``

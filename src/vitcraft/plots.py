@@ -1,40 +1,40 @@
-"""Pictures of a ViT and its training: attention maps, sample images, curves, confusion.
+"""Pictures of a model and its training, drawn with matplotlib: each function writes one PNG.
 
-Two kinds of function live here:
-
-* tensor functions, no plotting: ``cls_attention_map`` and ``attention_rollout``
-  turn the model's attention probabilities into one (g x g) map per image over
-  the patch grid, ``upsample_map`` stretches such maps to image size, and
-  ``confusion_matrix`` counts (true, predicted) pairs;
-* plot functions, which each write one PNG and return its path:
-  ``plot_attention_overlays``, ``plot_samples``, ``plot_curves``, ``plot_confusion``.
+* ``plot_attention_overlays``, ``plot_samples``, ``plot_curves``, ``plot_confusion``
+  draw tensors they are given (maps from ``attention_maps.py``);
+* ``draw_samples``, ``draw_overlays``, ``draw_run_figures`` pick those tensors
+  from a model and its data: which training images to show, which test images
+  to overlay, which predictions go into the confusion matrix. Used at the end
+  of training and by ``vitcraft viz``.
 
 The plots are drawn on ``matplotlib.figure.Figure`` objects that pyplot never
 sees: nothing needs a display, no global backend is switched, and no figure
 stays open after a call (the Figure is freed with its last reference).
 Sizes are fixed (no ``bbox_inches="tight"``), so a PNG's pixel size is its
 figure size in inches times ``dpi``.
-
-Typical use after training::
-
-    model.eval()
-    with torch.no_grad():
-        logits, attentions = model(normalised_images, output_attentions=True)
-    maps = cls_attention_map(attentions)  # (B, g, g)
-    plot_attention_overlays(display_images, maps, [names[i] for i in labels],
-                            [names[i] for i in logits.argmax(1)], run_dir / "attention.png")
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
+from torch import nn
+
+from vitcraft.attention_maps import (
+    POOLING_TITLE,
+    attention_map_kind,
+    maps_for_images,
+    unavailable_map_reason,
+    upsample_map,
+)
+from vitcraft.augment import BatchAugment, Normalization
+from vitcraft.config import TrainConfig
+from vitcraft.data import ImageTensorDataset
 
 DPI = 100  # pixels per inch of every saved PNG
 OVERLAY_PANEL = (3.0, 3.3)  # (width, height) in inches of one overlay subplot, title included
@@ -44,112 +44,7 @@ MAX_OVERLAYS = 10  # overlay figure: at most 2 rows of 5
 MAX_SAMPLES = 16  # sample figure: at most 4 rows of 4
 MAX_ANNOTATED_CLASSES = 30  # above this many classes the confusion cells carry no numbers
 TITLE_CHARS = 30  # about what fits over one 3-inch panel at 10 pt; longer titles wrap or shorten
-
-
-# --------------------------------------------------------------------------- attention maps
-def _check_attentions(attentions: Sequence[torch.Tensor], num_prefix_tokens: int = 1) -> int:
-    """Validate the model's attention list; return the patch-grid side g.
-
-    ``num_prefix_tokens``: the tokens before the patches ([CLS]; 2 with DeiT's
-    distillation token, as the model's ``num_prefix_tokens`` says).
-    """
-    if isinstance(attentions, torch.Tensor) or len(attentions) == 0:
-        raise ValueError("attentions must be a non-empty list of (B, heads, tokens, tokens) tensors, "
-                         "as returned by model(x, output_attentions=True)")
-    for i, attention in enumerate(attentions):
-        if attention is None:
-            raise ValueError(f"attentions[{i}] is None: call the model with output_attentions=True")
-        if attention.ndim != 4 or attention.shape[-1] != attention.shape[-2]:
-            raise ValueError(f"attentions[{i}] must have shape (B, heads, tokens, tokens), "
-                             f"got {tuple(attention.shape)}")
-    num_patches = attentions[0].shape[-1] - num_prefix_tokens  # token 0 is [CLS]
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise ValueError(f"{num_patches} patch tokens do not form a square grid")
-    return side
-
-
-def _select_head(attention: torch.Tensor, head: int | str) -> torch.Tensor:
-    """(B, heads, N, N) -> (B, N, N): the mean over heads, or one head."""
-    if head == "mean":
-        return attention.float().mean(dim=1)
-    num_heads = attention.shape[1]
-    if isinstance(head, bool) or not isinstance(head, int) or not -num_heads <= head < num_heads:
-        raise ValueError(f"head must be 'mean' or an integer in [-{num_heads}, {num_heads}), got {head!r}")
-    return attention[:, head].float()
-
-
-def _cls_row_to_grid(matrix: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, N, N) token-to-token matrix -> (B, g, g): row 0 ([CLS]) over the patch columns."""
-    cls_to_patches = matrix[:, 0, -side * side:]  # (B, g*g): the patches follow the prefix tokens, row-major
-    return cls_to_patches.reshape(-1, side, side)  # (B, g, g)
-
-
-def cls_attention_map(attentions: Sequence[torch.Tensor], layer: int = -1,
-                      head: int | str = "mean", num_prefix_tokens: int = 1) -> torch.Tensor:
-    """How much the [CLS] token attends to each patch in one layer.
-
-    ``attentions`` is the list ``model(x, output_attentions=True)`` returns: one
-    (B, heads, 1 + g*g, 1 + g*g) tensor per block. ``layer`` indexes that list
-    (negative counts from the end); ``head`` is ``"mean"`` (average the heads)
-    or one head index. The values are the raw attention probabilities, so a
-    map sums to 1 minus what [CLS] gives itself (and DeiT's distillation token:
-    ``num_prefix_tokens=2``).
-    Out: float tensor (B, g, g), cell (r, c) is the patch in grid row r, column c.
-    """
-    side = _check_attentions(attentions, num_prefix_tokens)
-    num_layers = len(attentions)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers <= layer < num_layers:
-        raise ValueError(f"layer must be an integer in [-{num_layers}, {num_layers}), got {layer!r}")
-    return _cls_row_to_grid(_select_head(attentions[layer], head), side)
-
-
-def attention_rollout(attentions: Sequence[torch.Tensor], head: int | str = "mean",
-                      num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema 2020): how much each patch flows into [CLS] over all layers.
-
-    A single layer's map ignores that tokens were already mixed by the layers
-    before. Rollout follows the mixing through the whole stack: per layer it
-    takes A = attention (head mean, or one head) + identity, the identity
-    standing for the residual connection, renormalises each row to sum to 1,
-    and multiplies the layers, first layer rightmost:
-    rollout = A_L @ ... @ A_2 @ A_1. The [CLS] row of the product, over the
-    patch columns, is the map.
-
-    Normalisation: each map is divided by its sum, so it is a distribution
-    over the patches (sums to 1; uniform attention gives 1 / g^2 everywhere).
-    The raw row sums to 1 minus the share that stayed with [CLS], which varies
-    with depth and would make maps of different models incomparable. If no
-    attention reaches the patches at all (every layer's [CLS] attends only to
-    itself, e.g. identity attention), the map stays all zeros rather than NaN.
-    In: list of (B, heads, P + g*g, P + g*g), P = num_prefix_tokens. Out: float tensor (B, g, g).
-    """
-    side = _check_attentions(attentions, num_prefix_tokens)
-    rollout = None
-    for attention in attentions:
-        mixed = _select_head(attention, head)  # (B, N, N)
-        mixed = mixed + torch.eye(mixed.shape[-1], dtype=mixed.dtype, device=mixed.device)
-        mixed = mixed / mixed.sum(dim=-1, keepdim=True)
-        # later layers multiply from the left: rollout = A_l @ (A_{l-1} @ ... @ A_1)
-        rollout = mixed if rollout is None else mixed @ rollout
-    maps = _cls_row_to_grid(rollout, side)  # (B, g, g)
-    total = maps.sum(dim=(-2, -1), keepdim=True)  # (B, 1, 1)
-    return maps / torch.where(total > 0, total, torch.ones_like(total))
-
-
-def upsample_map(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize patch-grid maps to image size (align_corners=False).
-
-    In: (B, g, g). ``size``: H (square) or (H, W). Out: float tensor (B, H, W).
-    With align_corners=False each grid cell's value sits at its patch's centre,
-    so the hot spot of a cell lands on that patch's pixels.
-    """
-    if maps.ndim != 3:
-        raise ValueError(f"maps must have shape (B, g, g), got {tuple(maps.shape)}")
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    resized = F.interpolate(maps.float().unsqueeze(1), size=size, mode="bilinear",
-                            align_corners=False)  # (B, 1, H, W)
-    return resized.squeeze(1)  # (B, H, W)
+NUM_OVERLAYS = 10  # test images in attention.png and rollout.png
 
 
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -400,3 +295,77 @@ def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path: str |
     Returns ``path``.
     """
     return _save(_confusion_figure(matrix, class_names), path)
+
+
+# --------------------------------------------------------------------------- a run's figures
+def draw_samples(path: Path, dataset: ImageTensorDataset, augment: BatchAugment,
+                 class_names: Sequence[str], seed: int = 0) -> Path:
+    """16 random training images after augmentation, as the model receives them (un-normalised)."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(dataset), generator=generator)[:16]
+    images = augment(dataset.images[index.to(dataset.images.device)].cpu(), generator)
+    return plot_samples(augment.normalization.undo(images), dataset.labels[index.to(dataset.labels.device)].cpu(),
+                        class_names, path)
+
+
+def draw_overlays(path: Path, model: nn.Module, images: torch.Tensor, normalization: Normalization,
+                  class_names: Sequence[str], labels: Sequence[int | None], method: str = "cls",
+                  layer: int = -1, head: int | str = "mean", title: str | None = None) -> Path:
+    """Overlay the attention of ``model`` on uint8 images (B, C, H, W) and save the figure."""
+    device = next(model.parameters()).device
+    logits, maps = maps_for_images(model, normalization(images.to(device)), method, layer, head)
+    predicted = [class_names[i] for i in logits.argmax(1).tolist()]
+    true = [None if label is None else class_names[label] for label in labels]
+    return plot_attention_overlays(images.float().cpu() / 255, maps.cpu(), true, predicted, path, title)
+
+
+def overlay_examples(dataset: ImageTensorDataset, count: int = NUM_OVERLAYS) -> tuple[torch.Tensor, list[int]]:
+    """``count`` fixed test images (uint8 (n, C, H, W)) and labels, drawn at random with seed 0.
+
+    Random rather than the first ones, because folder datasets are sorted by
+    class and the first ten would all be one class.
+    """
+    index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
+    images, labels = dataset.images[index.to(dataset.images.device)], dataset.labels[index.to(dataset.labels.device)]
+    return images.cpu(), labels.tolist()
+
+
+@torch.no_grad()
+def predict_all(model: nn.Module, dataset: ImageTensorDataset, normalization: Normalization,
+                batch_size: int = TrainConfig.eval_batch_size) -> torch.Tensor:
+    """Top-1 predictions (N,) for a whole split."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(normalization(dataset.images[i:i + batch_size].to(device)))[0].argmax(1).cpu()
+                      for i in range(0, len(dataset), batch_size)])
+
+
+def draw_run_figures(run_dir: Path, model: nn.Module, test_set: ImageTensorDataset,
+                     normalization: Normalization, history: list[dict[str, Any]], lrs: list[float],
+                     device: torch.device | None = None) -> list[Path]:
+    """curves.png, attention.png, rollout.png and confusion.png of a trained run.
+
+    The attention figures follow ``attention_map_kind``: a model without [CLS]
+    gets its pooling weights as attention.png (CCT) or neither figure (Swin, a
+    CNN), with a printed note saying which was skipped and why.
+    """
+    run_dir = Path(run_dir)
+    names = test_set.class_names
+    paths = [plot_curves(history, lrs, run_dir / "curves.png")]
+    images, labels = overlay_examples(test_set)
+    kind = attention_map_kind(model)
+    if kind == "cls":
+        paths.append(draw_overlays(run_dir / "attention.png", model, images, normalization, names, labels, "cls",
+                                   title="[CLS] attention to the patches, last block, mean over heads"))
+        paths.append(draw_overlays(run_dir / "rollout.png", model, images, normalization, names, labels,
+                                   "rollout", title="Attention rollout through all blocks"))
+    elif kind == "pooling":
+        paths.append(draw_overlays(run_dir / "attention.png", model, images, normalization, names, labels, "cls",
+                                   title=POOLING_TITLE))
+        print(f"rollout.png skipped: {unavailable_map_reason(model, 'rollout')}")
+    elif kind == "none":
+        print(f"attention.png and rollout.png skipped: {unavailable_map_reason(model, 'cls')}")
+    predictions = predict_all(model, test_set, normalization)
+    matrix = confusion_matrix(predictions, test_set.labels.cpu(), len(names))
+    paths.append(plot_confusion(matrix, names, run_dir / "confusion.png"))
+    return paths

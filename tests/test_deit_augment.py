@@ -6,12 +6,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import write_folder_dataset
-from vitcraft.augment_extra import (ExtraAugment, cutmix, cutmix_box, mix_batch, mixup, random_erasing)
+
 from vitcraft.cli import main
+from vitcraft.config import DataConfig, TrainConfig
+from vitcraft.deit_augment import DeiTAugment, cutmix, cutmix_box, mix_batch, mixup, random_erasing
 from vitcraft.errors import VitcraftError
-from vitcraft.train import DataConfig, RunConfig, TrainConfig, train
+from vitcraft.runs import RunConfig
+from vitcraft.train import train
 
 
 def distinct_batch(batch=6, size=8):
@@ -94,18 +96,18 @@ def test_auto_augment_draws_per_image(policy):
     image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
     batch = image.expand(16, -1, -1, -1).contiguous()  # sixteen copies of one image
     state = torch.get_rng_state()
-    out = ExtraAugment(10, auto_augment=policy).policy(batch, torch.Generator().manual_seed(0))
+    out = DeiTAugment(10, auto_augment=policy).policy(batch, torch.Generator().manual_seed(0))
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
     assert out.shape == batch.shape and out.dtype == torch.uint8
     assert not torch.equal(out, batch)
     distinct = {tuple(o.flatten().tolist()) for o in out}
     assert len(distinct) > 4  # each copy got its own operations
-    again = ExtraAugment(10, auto_augment=policy).policy(batch, torch.Generator().manual_seed(0))
+    again = DeiTAugment(10, auto_augment=policy).policy(batch, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
 
 
 def test_everything_off_is_the_identity_and_draws_nothing():
-    extra = ExtraAugment(10)
+    extra = DeiTAugment(10)
     generator = torch.Generator().manual_seed(3)
     state = generator.get_state()
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)

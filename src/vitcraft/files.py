@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, safe_open
+from safetensors.torch import load_file, safe_open, save_file
 
 from vitcraft.errors import VitcraftError
 

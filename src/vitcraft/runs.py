@@ -1,0 +1,188 @@
+"""A run directory: the files ``vitcraft train`` writes, its config, and the model it trained.
+
+A run directory holds
+- ``config.json``: the :class:`RunConfig` it was started with (preset, model
+  overrides, recipe, data) and the resolved model config, written first;
+- ``metrics.jsonl``: one JSON object per epoch;
+- ``model.safetensors`` + ``model.json``: the weights and what is needed to use
+  them (model config, class names, normalisation): what eval, predict, viz,
+  serve and export load (:func:`load_trained_model`);
+- ``checkpoint.safetensors``: what ``--resume`` needs (checkpoint.py);
+- the figures and ``tensorboard/``.
+Every file is written atomically (files.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from vitcraft.checkpoint import CHECKPOINT_FILE
+from vitcraft.config import DataConfig, TrainConfig, check_keys, check_types, default_of, setting, short_repr
+from vitcraft.errors import VitcraftError
+from vitcraft.files import (
+    atomic_write_json,
+    atomic_write_text,
+    load_tensors,
+    read_json,
+    remove_stale_temporaries,
+    save_tensors_atomic,
+)
+from vitcraft.registry import get_preset
+from vitcraft.state_dict import load_state_checked, unwrap
+from vitcraft.tensorboard_log import TENSORBOARD_DIR, remove_event_files
+
+RUN_CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.safetensors"
+MODEL_META_FILE = "model.json"
+FIGURE_FILES = ("samples.png", "curves.png", "attention.png", "rollout.png", "confusion.png")
+# files a run writes; --overwrite removes exactly these, nothing else in the folder
+RUN_FILES = (RUN_CONFIG_FILE, METRICS_FILE, MODEL_FILE, MODEL_META_FILE, CHECKPOINT_FILE, *FIGURE_FILES,
+             "report.html", TENSORBOARD_DIR)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: model preset and overrides, recipe, data."""
+
+    preset: str = setting("seed-tiny", "model preset, one of those `vitcraft list-models` shows", metavar="NAME")
+    model: dict[str, Any] = field(default_factory=dict)  # ViTConfig overrides on top of the preset
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        # fail on a bad preset name, model key or value type before any data is loaded
+        if not isinstance(self.preset, str) or not isinstance(self.model, Mapping):
+            raise VitcraftError(f"preset must be a name and model a mapping of overrides, got "
+                                f"{short_repr(self.preset)} and {short_repr(self.model)}")
+        config_class = get_preset(self.preset).config_class
+        check_keys(self.model, config_class.field_names(), what="model config key")
+        check_types(config_class, self.model, what="model setting")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+        check_run_sections(values, "a run config")
+        train = values.get("train", {}) or {}
+        data = values.get("data", {}) or {}
+        check_keys(train, [f.name for f in dataclasses.fields(TrainConfig)], what="train setting")
+        check_keys(data, [f.name for f in dataclasses.fields(DataConfig)], what="data setting")
+        return cls(preset=values.get("preset", default_of(cls, "preset")), model=dict(values.get("model", {}) or {}),
+                   train=TrainConfig(**train), data=DataConfig(**data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_run_sections(values: Any, where: str) -> None:
+    """Raise VitcraftError unless ``values`` maps known sections to mappings (model, train, data)
+    or to a name (preset)."""
+    if not isinstance(values, Mapping):
+        raise VitcraftError(f"{where} must be a mapping with sections preset/model/train/data, "
+                            f"got {type(values).__name__}")
+    check_keys(values, ["preset", "model", "train", "data"], what="run config section")
+    if not isinstance(values.get("preset", ""), str):
+        raise VitcraftError(f"preset in {where} must be a model name, got {short_repr(values['preset'])}")
+    for name in ("model", "train", "data"):
+        if not isinstance(values.get(name) or {}, Mapping):
+            raise VitcraftError(f"the {name} section of {where} must be a mapping of settings, "
+                                f"got {short_repr(values[name])}")
+
+
+def load_run_config(run_dir: Path | str) -> RunConfig:
+    """The RunConfig a run directory was started with."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise VitcraftError(f"{run_dir} holds no run ({RUN_CONFIG_FILE} is missing)")
+    saved = read_json(path)
+    if not isinstance(saved, dict) or "run" not in saved:
+        raise VitcraftError(f"{path} is not a vitcraft run config (it has no 'run' section)")
+    return RunConfig.from_dict(saved["run"])
+
+
+def load_run_config_file(path: Path | str) -> dict[str, Any]:
+    """A YAML or JSON file holding any of the sections preset, model, train, data."""
+    path = Path(path)
+    if not path.is_file():
+        raise VitcraftError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as error:  # UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError, RecursionError
+        raise VitcraftError(f"cannot parse config file {path}: {error}") from None
+    check_run_sections(values, f"config file {path}")  # the CLI merges the sections before from_dict
+    return values
+
+
+# ------------------------------------------------------------ the folder
+def prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (out_dir / CHECKPOINT_FILE).is_file():
+            raise VitcraftError(f"cannot resume: {out_dir} holds no checkpoint ({CHECKPOINT_FILE} is missing)")
+        remove_stale_temporaries(out_dir, RUN_FILES)  # left by a kill mid-write; the files themselves are whole
+        return
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise VitcraftError(f"{out_dir} already holds a run ({', '.join(existing)}); use --resume {out_dir} "
+                            f"to continue it, --overwrite to replace it, or another --out")
+    for name in existing:
+        if name == TENSORBOARD_DIR:
+            remove_event_files(out_dir)  # the event files only; a user's own files there stay
+        else:
+            (out_dir / name).unlink()
+    remove_stale_temporaries(out_dir, RUN_FILES)
+
+
+def write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(out_dir / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in history))
+
+
+# ------------------------------------------------------------ the trained model
+def save_model(run_dir: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
+    """Weights to model.safetensors and their description to model.json (both atomic)."""
+    run_dir = Path(run_dir)
+    save_tensors_atomic(run_dir / MODEL_FILE, unwrap(model).state_dict(), {"vitcraft": json.dumps(metadata)})
+    atomic_write_json(run_dir / MODEL_META_FILE, metadata)
+
+
+def read_model_metadata(run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise VitcraftError(f"run directory {run_dir} does not exist")
+    if not (run_dir / MODEL_META_FILE).is_file():
+        raise VitcraftError(f"{run_dir} holds no trained model ({MODEL_META_FILE} is missing); "
+                            f"train one with `vitcraft train --out {run_dir}`")
+    return read_json(run_dir / MODEL_META_FILE)
+
+
+def load_model_weights(run_dir: Path, model: nn.Module) -> None:
+    state, _ = load_tensors(Path(run_dir) / MODEL_FILE)
+    load_state_checked(model, state, Path(run_dir) / MODEL_FILE)
+
+
+def load_trained_model(run_dir: Path | str, device: torch.device | str = "cpu"):
+    """(model in eval mode, metadata) of a run directory's model.safetensors + model.json.
+
+    The metadata holds model_config, class_names, mean and std.
+    """
+    run_dir = Path(run_dir)
+    metadata = read_model_metadata(run_dir)
+    preset = get_preset(metadata.get("preset", "seed-tiny"))
+    try:
+        config = preset.config_class.from_dict(metadata["model_config"])
+    except (KeyError, ValueError) as error:
+        raise VitcraftError(f"{run_dir / MODEL_META_FILE} holds no valid model_config: {error}") from None
+    model = preset.builder(config)
+    load_model_weights(run_dir, model)
+    return model.to(device).eval(), metadata
