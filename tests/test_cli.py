@@ -21,10 +21,11 @@ def trained_run(tiny_folder, tmp_path_factory):
 
 
 def test_train_writes_run_and_figures(trained_run):
-    for name in ("config.json", "metrics.jsonl", "model.safetensors", "model.json", "checkpoint.safetensors",
-                 "samples.png", "curves.png", "attention.png", "rollout.png", "confusion.png"):
+    for name in ("run.json", "config.json", "metrics.jsonl", "model.safetensors", "model.json",
+                 "checkpoint.safetensors", "samples.png", "curves.png", "attention.png", "rollout.png",
+                 "confusion.png"):
         assert (trained_run / name).is_file(), name
-    config = json.loads((trained_run / "config.json").read_text())
+    config = json.loads((trained_run / "run.json").read_text())
     assert config["run"]["train"]["epochs"] == 2 and config["run"]["model"]["hidden_size"] == 32
 
 
@@ -156,7 +157,7 @@ def test_eval_with_a_damaged_run_config_is_one_clear_error(trained_run, tmp_path
 
     run = tmp_path / "damaged"
     shutil.copytree(trained_run, run)
-    (run / "config.json").write_text('{"model_config": {}}')  # no "run" section
+    (run / "run.json").write_text('{"model_config": {}}')  # no "run" section
     assert main(["eval", str(run), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "is not a vitcraft run config" in err and "Traceback" not in err

@@ -126,7 +126,7 @@ def test_soft_targets_train_with_label_smoothing(tmp_path):
                     data=DataConfig(data=str(folder), cache_dir=str(tmp_path / "cache")))
     last = train(run, tmp_path / "run", progress=False, figures=False, log=lambda *_: None, tensorboard=False)
     assert math.isfinite(last["train_loss"]) and last["step"] == 6
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())["run"]["train"]
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())["run"]["train"]
     assert saved["mixup_alpha"] == 0.8 and saved["auto_augment"] == "trivialaugment"
 
 

@@ -195,7 +195,7 @@ def test_teacher_trains_and_student_distils_end_to_end(folder16, teacher_run, tm
                  "--model-arg", "intermediate_size=64", "--mixup-alpha", "0.8", "--out", str(out),
                  "--no-figures", "--no-tensorboard"]) == 0
     capsys.readouterr()
-    saved = json.loads((out / "config.json").read_text())["run"]["train"]
+    saved = json.loads((out / "run.json").read_text())["run"]["train"]
     assert (saved["teacher"], saved["distillation"], saved["distill_alpha"]) == (str(teacher_run), "soft", 0.7)
     student, _ = load_trained_model(out)
     assert isinstance(student, DeiTForClassification)

@@ -218,14 +218,15 @@ def test_malformed_flag_values_are_refused_by_argparse_or_the_config():
 
 
 def test_malformed_run_directory_configs_raise_value_error(tmp_path):
-    """`--resume` and eval read RUN_DIR/config.json: garbage there is a clear error too."""
+    """`--resume` and eval read RUN_DIR/run.json (config.json in older runs): garbage there is a clear error too."""
     rng = random.Random(7)
     for index in range(60):
         run_dir = tmp_path / str(index)
         run_dir.mkdir()
         value = rng.choice([run_case(rng), {"run": run_case(rng)}, {"run": run_case(rng), "preset": 1}])
         text = json.dumps(value)
-        (run_dir / "config.json").write_text(text[:rng.randrange(len(text) + 1)] if rng.random() < 0.3 else text)
+        name = rng.choice(["run.json", "config.json"])
+        (run_dir / name).write_text(text[:rng.randrange(len(text) + 1)] if rng.random() < 0.3 else text)
         assert isinstance(outcome(load_run_config, run_dir), (RunConfig, ValueError))
 
 

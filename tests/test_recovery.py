@@ -72,7 +72,7 @@ def reference(data, tmp_path_factory):
 
 def assert_whole_or_absent(run_dir) -> int | None:
     """Every file of the run is absent or complete; returns the checkpoint's epoch (None: none yet)."""
-    for name in ("config.json", "model.json"):
+    for name in ("run.json", "config.json", "model.json"):
         if (run_dir / name).exists():
             json.loads((run_dir / name).read_text())
     if (run_dir / "model.safetensors").exists():

@@ -22,7 +22,7 @@ METRICS = [
 
 
 def make_run(run_dir, figures=("curves.png", "confusion.png"), num_parameters=None):
-    """A run directory like training writes: config.json, metrics.jsonl and some figures."""
+    """A run directory like older versions wrote: config.json (the run's), metrics.jsonl and some figures."""
     run_dir.mkdir(parents=True)
     config = {"model": ViTConfig().to_dict(), "train": {"epochs": 2, "lr": 1e-3},
               "data": {"dataset": "cifar10", "class_names": ["plane", "<b>cat</b>"]}}
@@ -80,7 +80,7 @@ def test_report_errors_name_the_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         write_report(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="run.json"):
         write_report(tmp_path / "empty")
     run_dir = make_run(tmp_path / "run")
     (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n{oops\n')
@@ -89,13 +89,13 @@ def test_report_errors_name_the_missing_path(tmp_path):
 
 
 def test_report_reads_the_config_layout_training_writes(tmp_path):
-    """config.json as train.py writes it: nested run sections get their own tables, the model is counted."""
+    """run.json as train.py writes it: nested run sections get their own tables, the model is counted."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     config = {"run": {"preset": "seed-tiny", "model": {}, "train": {"epochs": 2, "batch_size": 256},
                       "data": {"data": "cifar10"}},
               "model_config": ViTConfig(num_classes=3).to_dict(), "class_names": ["a", "b", "c"]}
-    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "run.json").write_text(json.dumps(config))
     (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 196, "train_acc": 0.25,
                                                        "train_seconds": 784.82}) + "\n")
     page = write_report(run_dir).read_text()

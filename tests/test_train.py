@@ -52,14 +52,15 @@ def test_training_learns_and_writes_a_complete_run(tiny_folder, tmp_path):
     assert records[-1]["step"] == 4 * math.ceil(90 / 16)
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert last["test_acc"] > 0.6  # three easy classes; chance is 1/3
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "run.json").read_text())
     assert config["class_names"] == ["bottom", "middle", "top"]
     assert config["model_config"]["image_size"] == 8 and config["model_config"]["num_classes"] == 3
     # the saved weights reproduce the recorded accuracy
     model, metadata = load_trained_model(out)
     assert metadata["mean"] == [0.5, 0.5, 0.5]
-    _, meta = load_tensors(out / "model.safetensors")
-    assert json.loads(meta["vitcraft"])["class_names"] == ["bottom", "middle", "top"]
+    hub_config = json.loads((out / "config.json").read_text())  # the run directory is a hub folder too
+    assert hub_config["model_type"] == "vitcraft-vit" and hub_config["num_classes"] == 3
+    assert hub_config["metadata"]["class_names"] == ["bottom", "middle", "top"]
 
 
 def test_resume_after_stop_equals_uninterrupted_run(tiny_folder, tmp_path):
@@ -143,7 +144,7 @@ def test_grayscale_28px_data_trains_without_config_edits(tmp_path):
     folder = write_folder_dataset(tmp_path / "gray", per_class=(8, 2), size=28, mode="L")
     out = tmp_path / "run"
     last = train_quietly(small_run(folder, tmp_path, epochs=1), out, figures=True)
-    config = json.loads((out / "config.json").read_text())["model_config"]
+    config = json.loads((out / "run.json").read_text())["model_config"]
     assert (config["image_size"], config["num_channels"], config["num_classes"]) == (28, 1, 3)
     assert 0 <= last["test_acc"] <= 1 and (out / "attention.png").is_file()
     model, _ = load_trained_model(out)

@@ -3,7 +3,8 @@
 from vitcraft.config import ViTConfig
 from vitcraft.hub import save_pretrained
 from vitcraft.model import ViTForClassfication, ViTForClassification, count_parameters
-from vitcraft.registry import create_model, list_models
+from vitcraft.pretrained import create_model
+from vitcraft.registry import list_models
 
 # vitcraft.from_pretrained(folder): a vitcraft, timm or Hugging Face ViT folder as a ViTForClassification
 from_pretrained = ViTForClassification.from_pretrained

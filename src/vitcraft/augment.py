@@ -4,7 +4,8 @@ The tutorial's per-image transforms (RandomHorizontalFlip, then
 RandomResizedCrop, then Normalize) run here on a whole uint8 batch at once,
 drawing the same random distributions per image: a flip with probability p,
 and a crop box sampled exactly as torchvision's RandomResizedCrop samples it,
-resized back with bilinear interpolation (one ``grid_sample`` call).
+resized back (or to the model's input size) with bilinear interpolation (one
+``grid_sample`` call).
 """
 
 from __future__ import annotations
@@ -92,6 +93,33 @@ def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, f
     return torch.stack([top, left, chosen_h, chosen_w], dim=1)
 
 
+def shorter_side_crop(height: int, width: int, shorter_side: int, crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where resizing an image's shorter side to ``shorter_side``, then centre-cropping crop x crop, leads.
+
+    Returns ((resized_height, resized_width), (top, left)) of the crop in the
+    resized image. The resize is torchvision's Resize(int), as timm's evaluation
+    transform does it: the aspect ratio kept, the longer side rounded down. The
+    crop is the centre crop of the centre shorter_side square, each corner
+    rounded as torchvision's CenterCrop rounds it, so that the centre crop of a
+    training image (that square) is exactly the test image of the same file.
+    A direct CenterCrop(crop) of a non-square image can round its corner the
+    other way, one pixel off. The one place this geometry lives: decoding files,
+    resizing tensors and BatchAugment's centre crop agree to the pixel.
+    """
+    if width <= height:
+        resized = (int(shorter_side * height / width), shorter_side)
+    else:
+        resized = (shorter_side, int(shorter_side * width / height))
+    if not 0 < crop <= shorter_side:
+        raise ValueError(f"a {crop} x {crop} crop does not fit in an image whose shorter side is {shorter_side}")
+
+    def centre(outer: int, inner: int) -> int:
+        return int(round((outer - inner) / 2))
+
+    inset = centre(shorter_side, crop)
+    return resized, (centre(resized[0], shorter_side) + inset, centre(resized[1], shorter_side) + inset)
+
+
 def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Crop each image to its box and resize it to ``size`` bilinearly, in one grid_sample.
 
@@ -115,21 +143,35 @@ class BatchAugment:
     """The tutorial's training augmentation for a whole uint8 batch.
 
     flip with probability ``flip_p``, then a random resized crop with area
-    fraction in ``crop_scale`` back to the input size, then normalisation.
-    In: uint8 (B, C, H, W). Out: float32 (B, C, H, W), normalised.
+    fraction in ``crop_scale`` resized to output_size x output_size (None: back
+    to the input size), then normalisation. Without ``crop_scale`` there is no
+    random crop: an output smaller than the input is its centre crop (with
+    ``DataConfig.crop_pct`` the training images are the larger S x S images the
+    test images were centre-cropped from, so this is exactly the evaluation
+    preprocessing); a larger one, the whole image resized.
+    In: uint8 (B, C, H, W). Out: float32 (B, C, output_size, output_size), or
+    (B, C, H, W) without output_size, normalised.
     """
 
     normalization: Normalization
     flip_p: float = 0.5
     crop_scale: tuple[float, float] | None = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    output_size: int | None = None
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images.float() / 255
         if self.flip_p > 0:
             x = random_horizontal_flip(x, self.flip_p, generator)
+        height, width = x.shape[-2:]
+        size = (self.output_size, self.output_size) if self.output_size else (height, width)
         if self.crop_scale is not None:
-            height, width = x.shape[-2:]
             boxes = sample_crop_boxes(x.shape[0], height, width, self.crop_scale, self.crop_ratio, generator)
-            x = resized_crop(x, boxes, (height, width))
+            x = resized_crop(x, boxes, size)
+        elif size[0] <= min(height, width) and size != (height, width):
+            _, (top, left) = shorter_side_crop(height, width, min(height, width), size[0])
+            x = x[..., top:top + size[0], left:left + size[1]]
+        elif size != (height, width):
+            whole = torch.tensor([[0.0, 0.0, height, width]]).expand(x.shape[0], 4)
+            x = resized_crop(x, whole, size)
         return self.normalization(x)

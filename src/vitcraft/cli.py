@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not log scalars to RUN_DIR/tensorboard (logged only if tensorboard is installed)")
     model = p.add_argument_group("model")
     add_setting_flag(model, RunConfig, "preset")
+    add_setting_flag(model, RunConfig, "init")
     model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="override a model config field, e.g. --model-arg hidden_size=64 (repeatable)")
     recipe = p.add_argument_group("recipe (the train section of --config)")
@@ -205,7 +206,11 @@ def run_config_from_args(args: argparse.Namespace):
     from vitcraft.runs import RunConfig, load_run_config_file
 
     values = load_run_config_file(args.config) if args.config else {}
+    if (args.init or values.get("init")) and (args.preset or values.get("preset")):
+        raise VitcraftError("--init decides the model's shape from its source; leave out --preset (or the config "
+                            "file's preset) with it")
     values = {"preset": args.preset or values.get("preset", default_of(RunConfig, "preset")),
+              "init": args.init or values.get("init"),
               "model": {**(values.get("model") or {}), **_parse_model_args(args.model_arg)},
               "train": {**(values.get("train") or {}), **settings_given(args, TrainConfig)},
               "data": {**(values.get("data") or {}), **settings_given(args, DataConfig)}}
@@ -253,12 +258,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # -------------------------------------------------------- eval / predict / viz
 def _run_test_set(run_dir: Path, args: argparse.Namespace, metadata: dict):
-    """The test split a run was trained on, or the one --data names, at the model's image size or --image-size."""
+    """The test split a run was trained on, or the one --data names, at the model's image size or --image-size.
+
+    Prepared with the model's crop_pct (its metadata's), so eval sees exactly what training evaluated on.
+    """
     from vitcraft.data import load_splits
-    from vitcraft.runs import RUN_CONFIG_FILE, load_run_config
+    from vitcraft.runs import load_run_config, run_config_path
 
     # a hub-style model folder has no run config: then --data must say which data
-    saved = load_run_config(run_dir).data if (run_dir / RUN_CONFIG_FILE).is_file() else DataConfig(data="")
+    saved = load_run_config(run_dir).data if run_config_path(run_dir) else DataConfig(data="")
     data = args.data or saved.data
     if not data:
         raise VitcraftError(f"{run_dir} does not say which data it was trained on; pass --data")
@@ -266,7 +274,7 @@ def _run_test_set(run_dir: Path, args: argparse.Namespace, metadata: dict):
     cache_dir = args.cache_dir or saved.cache_dir
     _, test_set = load_splits(data, Path(data_root) if data_root else None,
                               args.image_size or metadata["model_config"]["image_size"],
-                              Path(cache_dir) if cache_dir else None)
+                              Path(cache_dir) if cache_dir else None, crop_pct=metadata.get("crop_pct"))
     if test_set.num_channels != metadata["model_config"]["num_channels"]:
         raise VitcraftError(f"{data} has {test_set.num_channels}-channel images but the model takes "
                             f"{metadata['model_config']['num_channels']}")
@@ -319,7 +327,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from vitcraft.inference import read_images
 
     predictor = _predictor(args.run_dir, args.device)
-    images = read_images(args.images, predictor.metadata["model_config"])
+    images = read_images(args.images, predictor.metadata)
     for path, top in zip(args.images, predictor.top_k(images, args.top_k)):
         print(path)
         for name, probability in top:
@@ -337,7 +345,7 @@ def cmd_viz(args: argparse.Namespace) -> None:
     _allow_image_size(model, args.image_size, metadata)  # for the test images; image files get the model's size
     head = args.head if args.head == "mean" else _int_flag("--head", args.head)
     if args.images:
-        images, labels = read_images(args.images, metadata["model_config"]), [None] * len(args.images)
+        images, labels = read_images(args.images, metadata), [None] * len(args.images)
     else:
         test_set = _run_test_set(Path(args.run_dir), args, metadata)
         images, labels = overlay_examples(test_set)
@@ -376,12 +384,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from vitcraft import export
-    from vitcraft.runs import load_trained_model
 
     out = Path(args.out) if args.out else Path(args.run_dir) / EXPORT_FILES[args.format]
     if out.exists() and not args.overwrite:
         raise VitcraftError(f"{out} already exists; pass --overwrite to replace it, or another --out")
-    model, _ = load_trained_model(args.run_dir)
+    model = _load(args.run_dir, "cpu")[0]  # a run directory or a model folder
     write = export.export_onnx if args.format == "onnx" else export.export_torchscript
     print(f"wrote {write(model, out)}")
 

@@ -261,6 +261,10 @@ class DataConfig:
     data_root: str | None = setting(None, "where torchvision datasets are downloaded", metavar="DIR",
                                     none_means="the cache")
     image_size: int | None = setting(None, "resize every image to this square size", none_means="the data's own")
+    crop_pct: float | None = setting(
+        None, "the fraction of the image a pretrained model was evaluated on (timm's crop_pct), in (0, 1]: "
+              "evaluation resizes the shorter side to image_size / crop_pct, then centre-crops image_size; "
+              "training crops come from the same larger image", none_means="every image resized to image_size")
     cache_dir: str | None = setting(None, "where decoded image folders are cached", metavar="DIR",
                                     none_means="~/.cache/vitcraft")
     mean: list[float] | None = setting(None, "per-channel normalisation mean", none_means="0.5 per channel, as the "
@@ -274,6 +278,9 @@ class DataConfig:
     def validate(self) -> None:
         """Raise one ValueError naming the first bad field (a VitcraftError when built)."""
         check_positive_ints(self, ("image_size",), optional=True)
+        if self.crop_pct is not None and not (_is_number(self.crop_pct) and 0 < self.crop_pct <= 1):
+            raise ValueError(f"crop_pct is the fraction of the image kept, so it must be in (0, 1]; "
+                             f"got {self.crop_pct!r}")
         if self.std is not None and not all(value > 0 for value in self.std):
             raise ValueError(f"std values divide the pixels, so they must be positive; got {self.std!r}")
 

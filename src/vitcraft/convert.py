@@ -372,7 +372,7 @@ def _hf_config_values(hf_config: Any) -> dict[str, Any]:
                 patch_size=_square(hf["patch_size"], "patch_size", "hf_config"))
 
 
-def hf_to_vitcraft(model_or_state_dict: nn.Module | StateDict, hf_config: Any = None,
+def hf_to_vitcraft(model_or_state_dict: nn.Module | StateDict, hf_config: Any = None, headless_ok: bool = False,
                    **config_overrides: Any) -> tuple[ViTConfig, dict[str, torch.Tensor], str]:
     """(config, state dict, source name) of the vitcraft ViT computing exactly what transformers'
     ``ViTForImageClassification`` computes.
@@ -382,6 +382,9 @@ def hf_to_vitcraft(model_or_state_dict: nn.Module | StateDict, hf_config: Any = 
     config.json). Both key styles are read: transformers >= 5 module names and
     the checkpoint-file names (``vit.encoder.layer.N...``), with or without the
     ``vit.`` prefix. ``config_overrides`` are ViTConfig fields applied last.
+    With ``headless_ok`` a ``ViTModel`` (no classifier) converts too: the state
+    dict then has no ``classifier.*`` weights, and num_classes is the config's
+    label count, for a new classifier to be initialised.
     """
     if isinstance(model_or_state_dict, nn.Module):
         hf_config = model_or_state_dict.config if hf_config is None else hf_config
@@ -394,15 +397,20 @@ def hf_to_vitcraft(model_or_state_dict: nn.Module | StateDict, hf_config: Any = 
     if not any(key.startswith("vit.") for key in state):  # a bare ViTModel's keys
         state = {(key if key.startswith("classifier.") else f"vit.{key}"): value
                  for key, value in state.items()}
-    if "classifier.weight" not in state:
-        raise VitcraftError(f"{source} has no classifier (a ViTModel, or num_labels=0); "
-                             f"vitcraft converts ViTForImageClassification only")
+    headless = "classifier.weight" not in state
+    if headless and not headless_ok:
+        raise VitcraftError(f"{source} has no classifier (a ViTModel, or num_labels=0); from_hf converts "
+                            f"ViTForImageClassification only (from_pretrained and --init add a new classifier)")
     # ViTForImageClassification has no pooler, and transformers skips one found in a file
     state = {key: value for key, value in state.items() if not key.startswith("vit.pooler.")}
     style = "checkpoint" if any(".encoder.layer." in key for key in state) else "module"
-    values = dict(_hf_config_values(hf_config), num_classes=state["classifier.weight"].shape[0])
-    config = ViTConfig.from_dict({**values, **config_overrides})
-    return config, _to_vitcraft(state, key_table(config, HF_STYLES[style]), source), source
+    labels = (hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config).get("id2label") or {}
+    num_classes = max(1, len(labels)) if headless else state["classifier.weight"].shape[0]
+    config = ViTConfig.from_dict({**_hf_config_values(hf_config), "num_classes": num_classes, **config_overrides})
+    table = key_table(config, HF_STYLES[style])
+    if headless:
+        table = {ours: theirs for ours, theirs in table.items() if not ours.startswith("classifier.")}
+    return config, _to_vitcraft(state, table, source), source
 
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vitcraft.augment import shorter_side_crop
 from vitcraft.errors import VitcraftError
 from vitcraft.files import cache_dir as default_cache_dir
 from vitcraft.files import load_tensors, save_tensors_atomic
@@ -133,11 +135,15 @@ def _list_images(split_dir: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return files, class_names
 
 
-def read_image(path: Path | str, mode: str, image_size: int | None, max_pixels: int | None = None) -> np.ndarray:
+def read_image(path: Path | str, mode: str, image_size: int | None, max_pixels: int | None = None, *,
+               crop: int | None = None) -> np.ndarray:
     """Decode one image file to a (H, W, C) uint8 array in ``mode`` ("RGB" or "L").
 
     With ``image_size``, it is resized to image_size x image_size (as the
-    tutorial's ``Resize((size, size))``). ``path`` may also be a binary file
+    tutorial's ``Resize((size, size))``); with ``crop`` too, its shorter side
+    is resized to image_size instead, keeping the aspect ratio, and the centre
+    crop x crop kept (timm's evaluation ``Resize(size)``, ``CenterCrop(crop)``;
+    the array is then (crop, crop, C)). ``path`` may also be a binary file
     object. Any mode converts: palette, CMYK, grayscale, 1-bit; alpha is
     dropped (not composited); 16-bit grayscale keeps its high byte (Pillow
     alone would clip it to white). Unreadable files, and images of more than
@@ -152,7 +158,12 @@ def read_image(path: Path | str, mode: str, image_size: int | None, max_pixels: 
         if image.mode.startswith("I;16"):
             image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
         image = image.convert(mode)
-        if image_size is not None and image.size != (image_size, image_size):
+        if crop is not None:
+            (height, width), (top, left) = shorter_side_crop(image.height, image.width, image_size, crop)
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.BILINEAR)
+            image = image.crop((left, top, left + crop, top + crop))
+        elif image_size is not None and image.size != (image_size, image_size):
             image = image.resize((image_size, image_size), Image.BILINEAR)
         array = np.array(image, dtype=np.uint8)  # a writable copy
     return array.reshape(array.shape[0], array.shape[1], -1)
@@ -182,19 +193,38 @@ def probe_folder(root: Path) -> tuple[str, int]:
         return mode, max(image.size)
 
 
-def _decode_folder(split_dir: Path, mode: str, image_size: int) -> ImageTensorDataset:
+def crop_pct_geometry(image_size: int, crop_pct: float, split: str) -> tuple[int, int]:
+    """(shorter side, centre crop) of the ``split`` ("train" or "test") of data prepared with timm's ``crop_pct``.
+
+    Both splits resize each image's shorter side to S = floor(image_size /
+    crop_pct), as timm's evaluation transform does. The test split keeps the centre image_size x image_size, what the
+    model evaluates on; the training split the centre S x S, from which
+    BatchAugment's random crops are drawn (at ``output_size`` = image_size).
+    """
+    shorter_side = math.floor(image_size / crop_pct)
+    return shorter_side, shorter_side if split == "train" else image_size
+
+
+def _decode_folder(split_dir: Path, mode: str, image_size: int, crop_pct: float | None = None,
+                   split: str = "train") -> ImageTensorDataset:
     files, class_names = _list_images(split_dir)
     channels = 1 if mode == "L" else 3
-    images = torch.empty(len(files), channels, image_size, image_size, dtype=torch.uint8)
+    resize_to, crop = crop_pct_geometry(image_size, crop_pct, split) if crop_pct is not None else (image_size, None)
+    size = crop or image_size
+    images = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
     for i, (path, _) in enumerate(files):
-        images[i] = torch.from_numpy(read_image(path, mode, image_size)).permute(2, 0, 1)  # HWC -> CHW
+        images[i] = torch.from_numpy(read_image(path, mode, resize_to, crop=crop)).permute(2, 0, 1)  # HWC -> CHW
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageTensorDataset(images, labels, class_names)
 
 
-def _folder_fingerprint(split_dir: Path, mode: str, image_size: int) -> str:
-    """Changes when any file is added, removed, resized or touched."""
-    digest = hashlib.sha1(f"{split_dir.resolve()}|{mode}|{image_size}|v1".encode())
+def _folder_fingerprint(split_dir: Path, mode: str, image_size: int, crop_pct: float | None = None,
+                        split: str = "train") -> str:
+    """Changes when any file is added, removed, resized or touched, or the images are prepared otherwise."""
+    key = f"{split_dir.resolve()}|{mode}|{image_size}|v1"
+    if crop_pct is not None:  # appended only with a crop_pct, so the caches made without one stay valid
+        key += f"|crop_pct={crop_pct!r}|{split}"
+    digest = hashlib.sha1(key.encode())
     for path in sorted(split_dir.rglob("*")):
         if path.is_file():
             stat = path.stat()
@@ -202,10 +232,11 @@ def _folder_fingerprint(split_dir: Path, mode: str, image_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_folder_cached(split_dir: Path, mode: str, image_size: int, cache_dir: Path | None) -> ImageTensorDataset:
+def _load_folder_cached(split_dir: Path, mode: str, image_size: int, cache_dir: Path | None,
+                        crop_pct: float | None = None, split: str = "train") -> ImageTensorDataset:
     if cache_dir is None:
-        return _decode_folder(split_dir, mode, image_size)
-    key = _folder_fingerprint(split_dir, mode, image_size)
+        return _decode_folder(split_dir, mode, image_size, crop_pct, split)
+    key = _folder_fingerprint(split_dir, mode, image_size, crop_pct, split)
     cache_file = cache_dir / f"{split_dir.parent.name}-{split_dir.name}-{key}.safetensors"
     if cache_file.exists():
         try:
@@ -213,7 +244,7 @@ def _load_folder_cached(split_dir: Path, mode: str, image_size: int, cache_dir: 
             return ImageTensorDataset(tensors["images"], tensors["labels"], json.loads(metadata["class_names"]))
         except (VitcraftError, KeyError, json.JSONDecodeError):
             pass  # a damaged cache is rebuilt, never trusted
-    dataset = _decode_folder(split_dir, mode, image_size)
+    dataset = _decode_folder(split_dir, mode, image_size, crop_pct, split)
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_tensors_atomic(cache_file, {"images": dataset.images, "labels": dataset.labels},
                         {"class_names": json.dumps(dataset.class_names)})
@@ -222,38 +253,54 @@ def _load_folder_cached(split_dir: Path, mode: str, image_size: int, cache_dir: 
 
 # -------------------------------------------------------------------- public
 def load_splits(data: str, data_root: Path | None = None, image_size: int | None = None,
-                cache_dir: Path | None = None) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+                cache_dir: Path | None = None, *,
+                crop_pct: float | None = None) -> tuple[ImageTensorDataset, ImageTensorDataset]:
     """(train, test) splits of a torchvision dataset name or an ImageFolder-layout folder.
 
     ``image_size`` resizes every image to that square size (default: the data's own size).
-    Folder datasets are decoded once and cached as uint8 in ``cache_dir``.
+    With ``crop_pct`` (timm's, in (0, 1]) nothing is squashed: image_size is the
+    test split's size and each image's shorter side is resized to image_size /
+    crop_pct first (see ``crop_pct_geometry``), the training split keeping the
+    larger centre square. Folder datasets are decoded once and cached as uint8 in ``cache_dir``.
     """
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     name = data.lower()
     if name in TORCHVISION_NAMES and not Path(data).is_dir():
         root = data_root or cache_dir / "datasets"
         train, test = (_load_torchvision(name, split, root) for split in ("train", "test"))
-        if image_size is not None and image_size != train.image_size:
+        if crop_pct is not None:
+            size = image_size or train.image_size
+            train, test = (resize_dataset(dataset, *crop_pct_geometry(size, crop_pct, split))
+                           for dataset, split in ((train, "train"), (test, "test")))
+        elif image_size is not None and image_size != train.image_size:
             train, test = resize_dataset(train, image_size), resize_dataset(test, image_size)
         return train, test
     root = Path(data).expanduser()
     train_dir, test_dir = find_split_dirs(root)
     mode, probed_size = probe_folder(root)
     size = image_size or probed_size
-    train = _load_folder_cached(train_dir, mode, size, cache_dir)
-    test = _load_folder_cached(test_dir, mode, size, cache_dir)
+    train = _load_folder_cached(train_dir, mode, size, cache_dir, crop_pct, "train")
+    test = _load_folder_cached(test_dir, mode, size, cache_dir, crop_pct, "test")
     if test.class_names != train.class_names:
         raise VitcraftError(f"{test_dir} and {train_dir} have different class folders: "
                             f"{test.class_names} vs {train.class_names}")
     return train, test
 
 
-def resize_dataset(dataset: ImageTensorDataset, image_size: int) -> ImageTensorDataset:
-    """All images bilinearly resized to image_size x image_size (still uint8)."""
+def resize_dataset(dataset: ImageTensorDataset, image_size: int, crop: int | None = None) -> ImageTensorDataset:
+    """All images bilinearly resized to image_size x image_size (still uint8).
+
+    With ``crop``, as ``read_image``: the shorter side resized to image_size,
+    then the centre crop x crop kept. Out: (N, C, crop, crop).
+    """
+    if crop is None:
+        size, (top, left), crop = (image_size, image_size), (0, 0), image_size
+    else:
+        size, (top, left) = shorter_side_crop(*dataset.images.shape[-2:], image_size, crop)
     resized = []
     for chunk in dataset.images.split(4096):
-        chunk = torch.nn.functional.interpolate(chunk.float(), size=(image_size, image_size),
-                                                mode="bilinear", align_corners=False, antialias=True)
+        chunk = torch.nn.functional.interpolate(chunk.float(), size=size, mode="bilinear", align_corners=False,
+                                                antialias=True)[..., top:top + crop, left:left + crop]
         resized.append(chunk.round().clamp(0, 255).to(torch.uint8))
     return ImageTensorDataset(torch.cat(resized), dataset.labels, dataset.class_names)
 

@@ -1,9 +1,13 @@
 """Hub-style model folders: ``config.json`` + ``model.safetensors``.
 
 :func:`save_pretrained` writes a vitcraft folder; :func:`read_pretrained` reads
-one, and also a Hugging Face ViT folder (``model_type: "vit"``) or a timm
-folder (``"architecture"`` in config.json), converting through
-:mod:`vitcraft.convert`. :class:`HubMixin` gives a model class the two
+one (a vitcraft run directory is one too), and also a Hugging Face ViT folder
+(``model_type: "vit"``) or a timm folder (``"architecture"`` in config.json),
+converting through :mod:`vitcraft.convert`. Wherever a folder is taken, a
+Hugging Face hub id (``google/vit-base-patch16-224``) is too:
+:func:`resolve_source` fetches it with huggingface_hub into its standard cache
+(so ``HF_HOME``, ``HF_HUB_OFFLINE=1`` and a copy already downloaded behave as
+they do for transformers). :class:`HubMixin` gives a model class the two
 methods ``model.save_pretrained(folder)`` and ``Class.from_pretrained(folder)``
 (as huggingface_hub's ModelHubMixin does), so this module needs no model class.
 Weights are read from safetensors or, failing that, from a PyTorch ``.bin``
@@ -22,6 +26,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,7 +37,7 @@ from vitcraft.config import ViTConfig
 from vitcraft.convert import fused_state_dict, hf_to_vitcraft, timm_to_vitcraft
 from vitcraft.errors import VitcraftError
 from vitcraft.files import atomic_write_json, load_tensors, read_json, save_tensors_atomic
-from vitcraft.state_dict import load_state_checked
+from vitcraft.state_dict import load_state_listed
 
 MODEL_TYPE = "vitcraft-vit"
 MODEL_CLASS = "ViTForClassification"  # the one class whose model_type is MODEL_TYPE (model.py)
@@ -43,6 +48,10 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_NAMES = ("model.safetensors", "open_clip_model.safetensors",
                  "pytorch_model.bin", "open_clip_pytorch_model.bin")
 METADATA_KEY = "metadata"
+OLD_RUN_MODEL_FILE = "model.json"  # a run directory written before runs were hub folders: its model config
+PREPROCESSOR_NAME = "preprocessor_config.json"  # a Hugging Face folder's mean and std
+# a hub id: "org/name", or timm's "hf-hub:org/name"
+HUB_ID = re.compile(r"(?:hf-hub:)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 TIMM_POOLING = {"token": "cls", "avg": "mean"}  # timm global_pool -> vitcraft pooling
 # timm architecture size -> heads, for timm folders whose config.json has no model_args.
@@ -75,12 +84,47 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike,
     return directory
 
 
+# ----------------------------------------------------------------- finding
+def resolve_source(source: str | os.PathLike) -> Path:
+    """The local folder of a model source: the folder itself, or a hub id's snapshot in the Hugging Face cache.
+
+    A hub id (``org/name``, or ``hf-hub:org/name``) that is not also a local path
+    is fetched with huggingface_hub (config.json, preprocessor_config.json and the
+    weights: safetensors, else a PyTorch .bin). Raises FileNotFoundError for a
+    missing folder, VitcraftError when the hub cannot give the model (offline
+    without a cached copy, no such repository).
+    """
+    path = Path(source)
+    if path.exists() or not HUB_ID.fullmatch(str(source)):
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder {source} does not exist"
+                                    if not path.exists() else f"{source} is a file, not a model folder")
+        return path
+    repo_id = str(source).removeprefix("hf-hub:")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:
+        raise VitcraftError(f"{source} is not a local folder; to fetch it from the Hugging Face hub, "
+                            f"pip install huggingface_hub") from None
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, PREPROCESSOR_NAME, "*.safetensors"]))
+        if not any((folder / name).is_file() for name in WEIGHTS_NAMES if name.endswith(".safetensors")):
+            folder = Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, PREPROCESSOR_NAME, "*.bin"]))
+    except (OSError, ValueError, HfHubHTTPError) as error:  # offline, not cached, no such repo, a bad id
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise VitcraftError(
+            f"{source} is neither a local folder nor a Hugging Face hub model vitcraft could fetch or find in the "
+            f"cache ({reason}). Download it where there is internet (hf download {repo_id}) and use it here "
+            f"with HF_HUB_OFFLINE=1, or pass a local folder") from None
+    return folder
+
+
 # ----------------------------------------------------------------- reading
 def _read_config(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """(folder, parsed config.json), with FileNotFoundError/VitcraftError naming the path."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model folder {directory} does not exist")
+    """(folder, parsed config.json) of a model source (folder or hub id), with FileNotFoundError/VitcraftError
+    naming the path."""
+    directory = resolve_source(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"model folder {directory} has no {CONFIG_NAME}")
@@ -95,6 +139,8 @@ def _folder_kind(config: Mapping[str, Any], path: Path) -> str:
     model_type = config.get("model_type")
     if model_type == MODEL_TYPE:
         return "vitcraft"
+    if model_type is None and "run" in config and (path / OLD_RUN_MODEL_FILE).is_file():
+        return "old-run"
     if model_type == "vit":
         return "hf"
     if model_type is None and "architecture" in config:
@@ -173,27 +219,32 @@ def _timm_overrides(config: Mapping[str, Any], path: Path, overrides: Mapping[st
     return {**values, **overrides}
 
 
-def read_pretrained(directory: str | os.PathLike,
+def read_pretrained(source: str | os.PathLike,
                     **config_overrides: Any) -> tuple[ViTConfig, dict[str, torch.Tensor], str]:
-    """(config, state dict in vitcraft's keys, weights path) of a model folder: vitcraft's own,
-    a Hugging Face ViT one or a timm one (converted).
+    """(config, state dict in vitcraft's keys, weights path) of a model source: a vitcraft folder or run
+    directory, a Hugging Face ViT folder or a timm one (converted), or a hub id of one (see resolve_source).
 
     ``config_overrides`` are ViTConfig fields applied on top of the folder's
-    (e.g. ``attention_backend="per_head"``). Raises FileNotFoundError for a
-    missing folder, config or weights file, and VitcraftError (a ValueError)
-    naming the file for anything unreadable or not matching.
+    (e.g. ``attention_backend="per_head"``). A Hugging Face ``ViTModel`` has
+    no classifier: its state dict then has no ``classifier.*`` keys. Raises
+    FileNotFoundError for a missing folder, config or weights file, and
+    VitcraftError (a ValueError) naming the file for anything unreadable or
+    not matching.
     """
-    directory, config = _read_config(directory)
+    directory, config = _read_config(source)
     kind = _folder_kind(config, directory)
     weights_path, state = _read_weights(directory)
-    if kind == "vitcraft":
+    if kind in ("vitcraft", "old-run"):
+        if kind == "old-run":  # its model config is in model.json, beside the run's recipe in config.json
+            config = read_json(directory / OLD_RUN_MODEL_FILE).get("model_config") or {}
         values = {key: value for key, value in config.items() if key not in ("model_type", METADATA_KEY)}
         try:
             return ViTConfig.from_dict({**values, **config_overrides}), state, str(weights_path)
         except ValueError as err:
-            raise VitcraftError(f"{directory / CONFIG_NAME}: {err}") from None
+            raise VitcraftError(f"{directory}: {err} (is it a ViT? other models' runs open with "
+                                f"vitcraft.runs.load_trained_model)") from None
     if kind == "hf":
-        convert = partial(hf_to_vitcraft, hf_config=config, **config_overrides)
+        convert = partial(hf_to_vitcraft, hf_config=config, headless_ok=True, **config_overrides)
     else:
         convert = partial(timm_to_vitcraft, **_timm_overrides(config, directory, config_overrides))
     try:
@@ -227,30 +278,38 @@ class HubMixin:
         if cls.model_type != MODEL_TYPE:  # a subclass with more weights (DeiT) would load half of them
             raise VitcraftError(f"{directory} holds a {MODEL_CLASS}, not a {cls.__name__}")
         config, state, source = read_pretrained(directory, **config_overrides)
-        return load_state_checked(cls(config), state, source).eval()
+        model = cls(config)
+        new = load_state_listed(model, state, source, may_stay_new=("classifier.",))
+        if new:  # a Hugging Face ViTModel: a backbone without a head, as transformers warns too
+            warnings.warn(f"{source} has no classifier: {', '.join(new)} newly initialised; train it before use",
+                          stacklevel=2)
+        return model.eval()
 
 
 def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-    """What a folder says beyond the model: class_names, mean, std (those it has).
+    """What a model source says beyond the model: class_names, mean, std, crop_pct (those it has).
 
-    vitcraft folders: the ``metadata`` saved with the model. Hugging Face:
-    class names from ``id2label``, mean/std from preprocessor_config.json.
-    timm: class names, mean and std from ``pretrained_cfg``.
+    vitcraft folders and run directories: the ``metadata`` saved with the
+    model. Hugging Face: class names from ``id2label``, mean/std (and crop_pct)
+    from preprocessor_config.json. timm: class names, mean, std and crop_pct
+    from ``pretrained_cfg``.
     """
     directory, config = _read_config(directory)
     kind = _folder_kind(config, directory)
     if kind == "vitcraft":
         return dict(config.get(METADATA_KEY) or {})
+    if kind == "old-run":
+        return read_json(directory / OLD_RUN_MODEL_FILE)
     metadata: dict[str, Any] = {}
     if kind == "hf":
         if config.get("id2label"):
             labels = config["id2label"]
             metadata["class_names"] = [labels[key] for key in sorted(labels, key=int)]
-        preprocessor = directory / "preprocessor_config.json"
+        preprocessor = directory / PREPROCESSOR_NAME
         source = read_json(preprocessor) if preprocessor.is_file() else {}
-        names = {"mean": "image_mean", "std": "image_std"}
+        names = {"mean": "image_mean", "std": "image_std", "crop_pct": "crop_pct"}
     else:
         source = {**config, **(config.get("pretrained_cfg") or {})}
-        names = {"mean": "mean", "std": "std", "class_names": "label_names"}
+        names = {"mean": "mean", "std": "std", "class_names": "label_names", "crop_pct": "crop_pct"}
     metadata.update({ours: source[theirs] for ours, theirs in names.items() if theirs in source})
     return metadata

@@ -22,7 +22,7 @@ from torch import nn
 
 from vitcraft.attention_maps import attention_map_kind, maps_for_images, unavailable_map_reason
 from vitcraft.augment import Normalization
-from vitcraft.data import read_image
+from vitcraft.data import crop_pct_geometry, read_image
 from vitcraft.errors import VitcraftError
 from vitcraft.files import read_json
 from vitcraft.hub import load_metadata
@@ -48,23 +48,29 @@ def colour_mode(num_channels: int) -> str:
     return "L" if num_channels == 1 else "RGB"
 
 
-def read_image_tensor(source: str | Path | bytes, model_config: dict, name: str | None = None,
+def read_image_tensor(source: str | Path | bytes, metadata: dict, name: str | None = None,
                       max_pixels: int | None = None) -> torch.Tensor:
-    """An image file's path or its bytes -> uint8 (C, H, W) at the size and channel count of ``model_config``.
+    """An image file's path or its bytes -> uint8 (C, H, W) as the model of ``metadata`` evaluates images:
+    at its model_config's size and channel count, centre-cropped as its crop_pct says (if it has one).
 
     ``name`` labels bytes in error messages; ``max_pixels`` rejects larger
     images before they are decoded. Raises VitcraftError for anything unreadable.
     """
     if isinstance(source, bytes):
         source = _NamedBytes(source, name or "upload")
-    mode = colour_mode(model_config["num_channels"])
-    array = read_image(source, mode, model_config["image_size"], max_pixels)  # (H, W, C)
+    model_config = metadata["model_config"]
+    mode, size = colour_mode(model_config["num_channels"]), model_config["image_size"]
+    if metadata.get("crop_pct"):  # the shorter side to size / crop_pct, then the centre size x size
+        shorter_side, crop = crop_pct_geometry(size, metadata["crop_pct"], "test")
+        array = read_image(source, mode, shorter_side, max_pixels, crop=crop)  # (H, W, C)
+    else:
+        array = read_image(source, mode, size, max_pixels)
     return torch.from_numpy(array).permute(2, 0, 1)  # (C, H, W)
 
 
-def read_images(paths: list[str | Path], model_config: dict) -> torch.Tensor:
-    """Image files -> uint8 (B, C, H, W) at the size and channel count of ``model_config``."""
-    return torch.stack([read_image_tensor(path, model_config) for path in paths])
+def read_images(paths: list[str | Path], metadata: dict) -> torch.Tensor:
+    """Image files -> uint8 (B, C, H, W) for the model of ``metadata`` (see :func:`read_image_tensor`)."""
+    return torch.stack([read_image_tensor(path, metadata) for path in paths])
 
 
 @dataclass
@@ -112,7 +118,7 @@ class Predictor:
     def read(self, source: str | Path | bytes, name: str | None = None,
              max_pixels: int | None = None) -> torch.Tensor:
         """An image file's path or bytes -> uint8 (C, H, W) for this model (see :func:`read_image_tensor`)."""
-        return read_image_tensor(source, self.metadata["model_config"], name, max_pixels)
+        return read_image_tensor(source, self.metadata, name, max_pixels)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, C, H, W) -> class probabilities, float (B, K) on the CPU."""
@@ -153,7 +159,7 @@ def _is_model_folder(path: Path) -> bool:
     """Whether ``path`` is a hub-style model folder rather than a run directory (which has model.json)."""
     if not path.is_dir() or (path / MODEL_META_FILE).is_file() or not (path / "config.json").is_file():
         return False
-    config = read_json(path / "config.json")  # a run directory's config.json holds the run, not a model type
+    config = read_json(path / "config.json")  # an old run directory's config.json holds the run, not a model type
     return isinstance(config, dict) and ("model_type" in config or "architecture" in config)
 
 

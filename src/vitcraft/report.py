@@ -2,8 +2,9 @@
 
 The page reads what a run directory holds:
 
-* ``config.json`` (required), as training writes it: ``{"run": {"preset", "model",
-  "train": {...}, "data": {...}}, "model_config": {...ViTConfig fields...},
+* ``run.json`` (required; ``config.json`` in runs of older versions), as
+  training writes it: ``{"run": {"preset", "model", "train": {...},
+  "data": {...}}, "model_config": {...ViTConfig fields...},
   "class_names": [...], "num_parameters": N, ...}``. Every dict becomes a table
   (a dict inside a section gets its own, e.g. "run / train"), the loose
   top-level values one more; ``"num_parameters"`` is the parameter count, else
@@ -27,7 +28,9 @@ from typing import Any, Callable
 
 import torch
 
+from vitcraft.hub import CONFIG_NAME, METADATA_KEY
 from vitcraft.model import ViTForClassification, count_parameters
+from vitcraft.runs import METRICS_FILE, RUN_CONFIG_FILE, run_config_path
 
 # (file, heading, what it shows and how to read it), in page order
 FIGURES: tuple[tuple[str, str, str], ...] = (
@@ -118,17 +121,22 @@ def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     """Write one self-contained HTML page about the run in ``run_dir``; return its path.
 
     ``out_path`` defaults to ``run_dir / "report.html"``. Raises
-    FileNotFoundError (naming the path) when ``run_dir`` or its config.json
+    FileNotFoundError (naming the path) when ``run_dir`` or its run.json
     is missing; missing metrics or figures are noted on the page instead.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"config.json not found: {config_path}")
-    config = json.loads(config_path.read_text())
-    metrics = read_metrics(run_dir / "metrics.jsonl")
+    config_path = run_config_path(run_dir)
+    if config_path is not None:
+        config = json.loads(config_path.read_text())
+    elif (run_dir / CONFIG_NAME).is_file():  # a model folder (save_pretrained): its model config and metadata
+        config = json.loads((run_dir / CONFIG_NAME).read_text())
+        config = {"model": {k: v for k, v in config.items() if k not in ("model_type", METADATA_KEY)},
+                  **config.get(METADATA_KEY, {})}
+    else:
+        raise FileNotFoundError(f"{RUN_CONFIG_FILE} not found: {run_dir / RUN_CONFIG_FILE}")
+    metrics = read_metrics(run_dir / METRICS_FILE)
     run_name = run_dir.resolve().name
 
     body = [f"<h1>vitcraft run: {_esc(run_name)}</h1>",

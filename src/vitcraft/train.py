@@ -6,7 +6,7 @@
    teacher, if distilling; the model, built from a preset with the data's image
    size, channels and classes; AdamW, the grad scaler (fp16 only) and the
    augmentations; the schedule's length. A resumed run loads its checkpoint, a
-   new one writes config.json.
+   new one writes run.json.
 2. per epoch, ``train_one_epoch``: augment each batch, forward under autocast,
    backward, clip, step AdamW at ``learning_rate_at(step)``. Loss and accuracy
    sums stay on the device and are read every ``TensorBoardLog.step_every`` steps
@@ -54,6 +54,7 @@ from vitcraft.distill import Distiller, load_teacher
 from vitcraft.errors import VitcraftError
 from vitcraft.files import atomic_write_json
 from vitcraft.model import count_parameters
+from vitcraft.pretrained import Pretrained, model_for_data, read_source, source_normalization
 from vitcraft.registry import get_preset, preset_config
 from vitcraft.resize import allow_image_sizes, progressive_size, resize_batch
 from vitcraft.runs import RunConfig
@@ -75,12 +76,16 @@ def learning_rate_at(step: int, train: TrainConfig, total_steps: int) -> float:
     return train.min_lr + 0.5 * (train.learning_rate - train.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_augmentations(train: TrainConfig, normalization: Normalization,
-                        num_classes: int) -> tuple[BatchAugment, DeiTAugment]:
+def build_augmentations(train: TrainConfig, normalization: Normalization, num_classes: int,
+                        output_size: int | None = None) -> tuple[BatchAugment, DeiTAugment]:
     """The recipe's augmentations: crop, flip and normalise (BatchAugment); RandAugment/TrivialAugment,
-    random erasing and MixUp/CutMix (DeiTAugment, validated, all off by default)."""
+    random erasing and MixUp/CutMix (DeiTAugment, validated, all off by default).
+
+    ``output_size``: the size the crops are resized to, when the training images are larger than the
+    model's input (``DataConfig.crop_pct``); None: the training images' own size."""
     crop_and_flip = BatchAugment(normalization, flip_p=train.flip_p,
-                                 crop_scale=tuple(train.crop_scale) if train.crop_scale else None)
+                                 crop_scale=tuple(train.crop_scale) if train.crop_scale else None,
+                                 output_size=output_size)
     stronger = DeiTAugment(num_classes, auto_augment=train.auto_augment, random_erasing=train.random_erasing,
                            mixup_alpha=train.mixup_alpha, cutmix_alpha=train.cutmix_alpha, mix_prob=train.mix_prob)
     return crop_and_flip, stronger
@@ -105,19 +110,29 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.999))
 
 
-def resolve_model_config(run: RunConfig, train_set: ImageTensorDataset):
-    """The preset's config with the data's image size, channels and classes, then the user's overrides."""
-    from_data = {"image_size": train_set.image_size, "num_channels": train_set.num_channels,
+def resolve_model_config(run: RunConfig, train_set: ImageTensorDataset, image_size: int | None = None):
+    """The preset's config with the data's image size, channels and classes, then the user's overrides.
+
+    ``image_size``: the model's input size, the test split's (with ``crop_pct`` the training
+    images are larger, and cropped to it); None: the training split's.
+    """
+    image_size = image_size or train_set.image_size
+    from_data = {"image_size": image_size, "num_channels": train_set.num_channels,
                  "num_classes": len(train_set.class_names)}
     try:
         return preset_config(run.preset, **{**from_data, **run.model})
     except ValueError as error:
         raise VitcraftError(
-            f"model preset {run.preset!r} does not fit the data ({train_set.image_size}x{train_set.image_size}, "
+            f"model preset {run.preset!r} does not fit the data ({image_size}x{image_size}, "
             f"{train_set.num_channels} channels): {error}. Set --image-size or a model override") from None
 
 
-def normalization_for(run: RunConfig, channels: int) -> Normalization:
+def normalization_for(run: RunConfig, channels: int, source: Pretrained | None = None) -> Normalization:
+    """The user's mean and std, else the source model's (ImageNet's for timm and Hugging Face models),
+    else the tutorial's 0.5 per channel."""
+    from_source = source_normalization(source, channels) if source else None
+    if run.data.mean is None and run.data.std is None and from_source:
+        return Normalization(tuple(from_source[0]), tuple(from_source[1]))
     if run.data.mean is None and run.data.std is None:
         return Normalization.for_channels(channels)
     mean, std = run.data.mean or [0.5] * channels, run.data.std or [0.5] * channels
@@ -287,16 +302,25 @@ class EpochSums:
 
 def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figures: bool,
            log: Callable[[str], None]) -> Training:
-    """Everything a run trains with; a resumed run's state from its checkpoint, a new run's config.json."""
+    """Everything a run trains with; a resumed run's state from its checkpoint, a new run's run.json."""
     cfg = run.train
     ddp, device = _setup_distributed(cfg)
     ddp.run_on_main(lambda: runs.prepare_run_dir(out_dir, resume=resume, overwrite=overwrite))
     torch.manual_seed(cfg.seed)
 
+    source = None
+    if run.init:  # first: a missing source fails before any data loads
+        # resumed, the run starts from its own saved model (the checkpoint then restores the weights), so its
+        # shape, classes and normalisation are those it started with, even if the source has changed or gone
+        own = resume and (out_dir / runs.MODEL_META_FILE).is_file()
+        source = read_source(out_dir if own else run.init)
+    # the source's model decides the input size unless --image-size does: the data is resized to it
+    image_size = run.data.image_size or (source.config.image_size if source else None)
+    crop_pct = run.data.crop_pct or (source.metadata.get("crop_pct") if source else None)  # evaluation's crop
     cache_dir = Path(run.data.cache_dir) if run.data.cache_dir else None
     train_set, test_set = load_splits(run.data.data, Path(run.data.data_root) if run.data.data_root else None,
-                                      run.data.image_size, cache_dir)
-    normalization = normalization_for(run, train_set.num_channels)
+                                      image_size, cache_dir, crop_pct=crop_pct)
+    normalization = normalization_for(run, train_set.num_channels, source)
     if device.type != "cpu":  # keep the uint8 data on the accelerator: no copies per batch
         train_set, test_set = train_set.to(device), test_set.to(device)
     distiller = None
@@ -305,16 +329,24 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
         teacher.dtype = autocast_dtype(device, runs.load_run_config(cfg.teacher).train.precision)  # its own precision
         distiller = Distiller(teacher, cfg.distillation, cfg.distill_alpha, cfg.distill_tau, cfg.label_smoothing)
 
-    model_config = resolve_model_config(run, train_set)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = get_preset(run.preset).builder(model_config).to(device)
+    init_report = None
+    if source is not None:
+        model, init_report = model_for_data(source, train_set.class_names, test_set.image_size,
+                                            train_set.num_channels, **run.model)
+        model_config = model.config
+        model = model.to(device)
+    else:
+        model_config = resolve_model_config(run, train_set, image_size=test_set.image_size)
+        model = get_preset(run.preset).builder(model_config).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     if cfg.progressive_sizes:
         allow_image_sizes(model, cfg.progressive_sizes, run.preset)
     optimizer = build_optimizer(model, cfg)
     dtype = autocast_dtype(device, cfg.precision)
-    augment, extra = build_augmentations(cfg, normalization, len(train_set.class_names))
+    augment, extra = build_augmentations(cfg, normalization, len(train_set.class_names),
+                                         output_size=test_set.image_size if crop_pct else None)
 
     local_batch = cfg.batch_size // ddp.world_size
     shard = epoch_indices(len(train_set), cfg.seed, 0, shuffle=False, rank=ddp.rank, world_size=ddp.world_size)
@@ -323,8 +355,9 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     metadata = {
-        "model_config": model_config.to_dict(), "preset": run.preset,
+        "model_config": model_config.to_dict(), "preset": source.preset if source else run.preset,
         "class_names": train_set.class_names, "mean": list(normalization.mean), "std": list(normalization.std),
+        **({"crop_pct": crop_pct} if crop_pct else {}),
         "num_parameters": count_parameters(model),
     }
     t = Training(run=run, out_dir=out_dir, ddp=ddp, device=device, dtype=dtype, train_set=train_set,
@@ -342,11 +375,15 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
             runs.save_model(out_dir, model, metadata)
             log(f"resuming {out_dir} after epoch {t.start_epoch} (step {t.step})")
     elif ddp.is_main:
-        atomic_write_json(out_dir / runs.RUN_CONFIG_FILE, {"run": run.to_dict(), **metadata})
+        init = {"init": init_report.to_dict()} if init_report else {}
+        atomic_write_json(out_dir / runs.RUN_CONFIG_FILE, {"run": run.to_dict(), **metadata, **init})
     if ddp.is_main:
-        log(f"training {run.preset} ({metadata['num_parameters']:,} parameters) on {run.data.data}: "
-            f"{len(train_set):,} train / {len(test_set):,} test images, {train_set.image_size}x"
-            f"{train_set.image_size}x{train_set.num_channels}, {len(train_set.class_names)} classes; "
+        for line in init_report.lines() if init_report and not resume else []:
+            log(line)
+        model_name = f"{metadata['preset']} from {run.init}" if run.init else run.preset
+        log(f"training {model_name} ({metadata['num_parameters']:,} parameters) on {run.data.data}: "
+            f"{len(train_set):,} train / {len(test_set):,} test images, {test_set.image_size}x"
+            f"{test_set.image_size}x{train_set.num_channels}, {len(train_set.class_names)} classes; "
             f"device {device}, precision {dtype or torch.float32}, {torch.get_num_threads()} threads, "
             f"{ddp.world_size} rank(s)")
         if figures and not resume:
@@ -390,7 +427,8 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
     # every rank seeded the global RNG alike for equal initial weights; its own seed per rank
     # gives the ranks different dropout masks, and per epoch a resume the same masks
     torch.manual_seed(derive_seed(cfg.seed, "dropout", epoch, ddp.rank))
-    image_size = progressive_size(cfg.progressive_sizes, epoch, cfg.epochs, t.train_set.image_size)
+    # the model's input size: with crop_pct the training images are larger, and cropped to it
+    image_size = progressive_size(cfg.progressive_sizes, epoch, cfg.epochs, t.test_set.image_size)
     sums = torch.zeros(2, dtype=_sum_dtype(device), device=device)  # loss * images, top-1 hits
     seen, checked_step, lr = 0, t.step, learning_rate_at(t.step, cfg, t.total_steps)
     bar = tqdm(total=min(t.steps_per_epoch, t.total_steps - t.step), desc=f"epoch {epoch + 1}/{cfg.epochs}",

@@ -1,0 +1,141 @@
+"""Does starting from pretrained weights pay? Transfer between two halves of CIFAR-10, side by side.
+
+    python benchmarks/transfer.py --data ../shared/data/cifar10-jpeg [--pretrain-epochs 30] [--finetune-epochs 100]
+
+1. pretrain: a model trained on the five classes airplane, automobile, bird,
+   cat, deer (all their training images);
+2. fine-tune it on dog, frog, horse, ship, truck with only ``--per-class``
+   labelled training images per class (``vitcraft train --init``), all weights
+   (full) or the classifier alone (``--freeze backbone``, the linear probe);
+3. the same model from scratch on the same images with the same steps.
+Every arm is tested on all test images of the five fine-tuning classes. The
+table gives the best and the last test accuracy of each arm and the command
+that reproduces it. Then the cost of a fine-tuning step at 224 px for a
+ViT-Ti-shaped model (``vit-tiny-p16-224``), full and frozen, in images/s.
+The split folders are symbolic links into ``--data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PRETRAIN_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
+FINETUNE_CLASSES = ("dog", "frog", "horse", "ship", "truck")
+
+
+def cpu_class() -> str:
+    """The CPU's vector units as the figures depend on them (AVX2, AVX-512, AMX; bf16 units or not)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    names = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_bf16", "AMX"),
+                                     ("asimd", "NEON")) if flag in flags]
+    bf16 = "yes" if flags & {"avx512_bf16", "amx_bf16", "bf16"} else "no"
+    return f"{' + '.join(names) or 'no AVX2'}, bf16 units: {bf16}, {torch.get_num_threads()} threads"
+
+
+def link_split(data: Path, out: Path, classes: tuple[str, ...], per_class: int | None) -> Path:
+    """An ImageFolder of ``classes`` from ``data``: the first ``per_class`` training images of each (None: all)."""
+    for split in ("train", "test"):
+        for name in classes:
+            folder = out / split / name
+            if folder.is_dir():
+                continue
+            folder.mkdir(parents=True)
+            files = sorted((data / split / name).iterdir())
+            for path in files[:per_class] if split == "train" and per_class else files:
+                (folder / path.name).symlink_to(path.resolve())
+    return out
+
+
+def run(words: list[str], out: Path) -> dict:
+    """Run ``vitcraft train ...`` (unless its run exists), return its best and last test accuracy."""
+    if not (out / "metrics.jsonl").is_file():
+        print("$", shlex.join(words), flush=True)
+        subprocess.run([sys.executable, "-m", "vitcraft", *words[1:]], check=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"best": max(r["test_acc"] for r in records), "last": records[-1]["test_acc"],
+            "steps": records[-1]["step"], "minutes": sum(r["epoch_seconds"] for r in records) / 60,
+            "command": shlex.join(words)}
+
+
+def step_speed(freeze: bool, batch: int = 32, steps: int = 5) -> float:
+    """Images per second of fine-tuning steps of vit-tiny-p16-224 at 224 px (10 classes), all weights or the head."""
+    from vitcraft import create_model
+    from vitcraft.device import autocast, autocast_dtype
+
+    model = create_model("vit-tiny-p16-224", num_classes=10).train()
+    if freeze:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("classifier."))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device, images, labels = torch.device("cpu"), torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
+    dtype = autocast_dtype(device, "auto")
+    for step in range(steps + 1):  # the first step warms up
+        if step == 1:
+            started = time.perf_counter()
+        with autocast(device, dtype):
+            loss = torch.nn.functional.cross_entropy(model(images)[0].float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="CIFAR-10 in ImageFolder layout")
+    parser.add_argument("--work", default="runs/transfer", help="split folders and runs (kept: reruns skip them)")
+    parser.add_argument("--preset", default="seed-tiny")
+    parser.add_argument("--pretrain-epochs", type=int, default=30)
+    parser.add_argument("--finetune-epochs", type=int, default=100)
+    parser.add_argument("--per-class", type=int, default=100, help="labelled fine-tuning images per class")
+    parser.add_argument("--batch-size", type=int, default=64, help="of the fine-tuning runs")
+    parser.add_argument("--skip-speed", action="store_true", help="leave out the 224 px step timing")
+    args = parser.parse_args()
+    data, work = Path(args.data), Path(args.work)
+    first = link_split(data, work / "data-pretrain", PRETRAIN_CLASSES, None)
+    second = link_split(data, work / "data-finetune", FINETUNE_CLASSES, args.per_class)
+    common = ["--no-figures", "--no-tensorboard"]
+    pretrain = work / "pretrain"
+    run(["vitcraft", "train", "--data", str(first), "--preset", args.preset, "--epochs", str(args.pretrain_epochs),
+         "--schedule", "cosine", "--out", str(pretrain), *common], pretrain)
+    finetune = ["--data", str(second), "--epochs", str(args.finetune_epochs), "--batch-size", str(args.batch_size),
+                "--schedule", "cosine", *common]
+    arms = {  # label: (run directory, flags)
+        "fine-tuned, all weights": ("full", ["--init", str(pretrain)]),
+        "linear probe (--freeze backbone)": ("probe", ["--init", str(pretrain), "--freeze", "backbone"]),
+        "from scratch": ("scratch", ["--preset", args.preset]),
+    }
+    results = {}
+    for label, (name, words) in arms.items():
+        results[label] = run(["vitcraft", "train", *words, *finetune, "--out", str(work / name)], work / name)
+
+    print(f"\nCPU: {cpu_class()}; torch {torch.__version__}")
+    print(f"pretraining: {args.preset}, {args.pretrain_epochs} epochs on {len(PRETRAIN_CLASSES)} classes; "
+          f"fine-tuning: {args.per_class} images per class of {', '.join(FINETUNE_CLASSES)}\n")
+    print("| start | test accuracy, best | last | steps | minutes |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label, result in results.items():
+        print(f"| {label} | {100 * result['best']:.2f}% | {100 * result['last']:.2f}% | {result['steps']} | "
+              f"{result['minutes']:.1f} |")
+    for label, result in results.items():
+        print(f"{label}: {result['command']}")
+    if not args.skip_speed:
+        full, frozen = step_speed(freeze=False), step_speed(freeze=True)
+        print("\nfine-tuning step, vit-tiny-p16-224 at 224 px, batch 32, default precision:")
+        print(f"| all weights | {full:.1f} images/s | 1.00x |")
+        print(f"| --freeze backbone | {frozen:.1f} images/s | {frozen / full:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
