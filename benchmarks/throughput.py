@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe, gemm_peak, training_flops_per_image  # noqa: E402
 from reference import timm_model, tutorial_model  # noqa: E402
 
 from vitcraft import ViTConfig, ViTForClassification, ops  # noqa: E402
@@ -88,10 +89,16 @@ def main() -> None:
     per_head = median["tutorial per-head (MultiHeadAttention)"]
     fused = median["tutorial fused (FasterMultiHeadAttention)"]
     timm_rate = median["timm VisionTransformer, same shape"]
-    print(f"training throughput, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'model':<45} {'img/s':>8} {'x per-head':>11} {'x fused':>8} {'x timm':>7}")
-    for name, rate in median.items():
-        print(f"{name:<45} {rate:8.0f} {rate / per_head:11.2f} {rate / fused:8.2f} {rate / timm_rate:7.2f}")
+    flops = training_flops_per_image(ViTForClassification(ViTConfig()), images[:8])  # the same for every contender
+    peaks = {None: gemm_peak()}
+    print(describe())
+    print(f"training throughput, batch {args.batch_size}; model FLOPs per training image {flops / 1e6:.1f} M "
+          f"(forward and backward, counted once); '% peak': of the measured GEMM peak in the contender's precision")
+    print(f"{'model':<45} {'img/s':>8} {'x per-head':>11} {'x fused':>8} {'x timm':>7} {'% peak':>7}")
+    for (name, _, dtype, _), rate in zip(contenders(), median.values()):
+        peak = peaks.setdefault(dtype, gemm_peak(dtype))
+        print(f"{name:<45} {rate:8.0f} {rate / per_head:11.2f} {rate / fused:8.2f} {rate / timm_rate:7.2f} "
+              f"{100 * rate * flops / 1e9 / peak:7.1f}")
 
 
 if __name__ == "__main__":

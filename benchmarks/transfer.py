@@ -27,20 +27,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
+
 PRETRAIN_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
 FINETUNE_CLASSES = ("dog", "frog", "horse", "ship", "truck")
-
-
-def cpu_class() -> str:
-    """The CPU's vector units as the figures depend on them (AVX2, AVX-512, AMX; bf16 units or not)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown (no /proc/cpuinfo)"
-    names = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_bf16", "AMX"),
-                                     ("asimd", "NEON")) if flag in flags]
-    bf16 = "yes" if flags & {"avx512_bf16", "amx_bf16", "bf16"} else "no"
-    return f"{' + '.join(names) or 'no AVX2'}, bf16 units: {bf16}, {torch.get_num_threads()} threads"
 
 
 def link_split(data: Path, out: Path, classes: tuple[str, ...], per_class: int | None) -> Path:
@@ -68,7 +59,7 @@ def run(words: list[str], out: Path) -> dict:
             "command": shlex.join(words)}
 
 
-def step_speed(freeze: bool, batch: int = 32, steps: int = 5) -> float:
+def step_speed(freeze: bool, precision: str = "auto", batch: int = 32, steps: int = 5) -> float:
     """Images per second of fine-tuning steps of vit-tiny-p16-224 at 224 px (10 classes), all weights or the head."""
     from vitcraft import create_model
     from vitcraft.device import autocast, autocast_dtype
@@ -79,7 +70,7 @@ def step_speed(freeze: bool, batch: int = 32, steps: int = 5) -> float:
             param.requires_grad_(name.startswith("classifier."))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     device, images, labels = torch.device("cpu"), torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
-    dtype = autocast_dtype(device, "auto")
+    dtype = autocast_dtype(device, precision)
     for step in range(steps + 1):  # the first step warms up
         if step == 1:
             started = time.perf_counter()
@@ -100,12 +91,26 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=100)
     parser.add_argument("--per-class", type=int, default=100, help="labelled fine-tuning images per class")
     parser.add_argument("--batch-size", type=int, default=64, help="of the fine-tuning runs")
+    parser.add_argument("--precision", default="auto", help="of every run and the step timing (as-avx2-cpu: fp32)")
     parser.add_argument("--skip-speed", action="store_true", help="leave out the 224 px step timing")
+    parser.add_argument("--skip-transfer", action="store_true", help="only the 224 px step timing")
     args = parser.parse_args()
     data, work = Path(args.data), Path(args.work)
+    if not args.skip_transfer:
+        transfer(args, data, work)
+    print("\n" + describe())
+    if not args.skip_speed:
+        full, frozen = step_speed(False, args.precision), step_speed(True, args.precision)
+        print(f"\nfine-tuning step, vit-tiny-p16-224 at 224 px, batch 32, precision {args.precision}:")
+        print(f"| all weights | {full:.1f} images/s | 1.00x |")
+        print(f"| --freeze backbone | {frozen:.1f} images/s | {frozen / full:.2f}x |")
+
+
+def transfer(args: argparse.Namespace, data: Path, work: Path) -> None:
+    """The three arms after the pretraining run, and their table."""
     first = link_split(data, work / "data-pretrain", PRETRAIN_CLASSES, None)
     second = link_split(data, work / "data-finetune", FINETUNE_CLASSES, args.per_class)
-    common = ["--no-figures", "--no-tensorboard"]
+    common = ["--no-figures", "--no-tensorboard", "--precision", args.precision]
     pretrain = work / "pretrain"
     run(["vitcraft", "train", "--data", str(first), "--preset", args.preset, "--epochs", str(args.pretrain_epochs),
          "--schedule", "cosine", "--out", str(pretrain), *common], pretrain)
@@ -120,8 +125,7 @@ def main() -> None:
     for label, (name, words) in arms.items():
         results[label] = run(["vitcraft", "train", *words, *finetune, "--out", str(work / name)], work / name)
 
-    print(f"\nCPU: {cpu_class()}; torch {torch.__version__}")
-    print(f"pretraining: {args.preset}, {args.pretrain_epochs} epochs on {len(PRETRAIN_CLASSES)} classes; "
+    print(f"\npretraining: {args.preset}, {args.pretrain_epochs} epochs on {len(PRETRAIN_CLASSES)} classes; "
           f"fine-tuning: {args.per_class} images per class of {', '.join(FINETUNE_CLASSES)}\n")
     print("| start | test accuracy, best | last | steps | minutes |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -130,11 +134,6 @@ def main() -> None:
               f"{result['minutes']:.1f} |")
     for label, result in results.items():
         print(f"{label}: {result['command']}")
-    if not args.skip_speed:
-        full, frozen = step_speed(freeze=False), step_speed(freeze=True)
-        print("\nfine-tuning step, vit-tiny-p16-224 at 224 px, batch 32, default precision:")
-        print(f"| all weights | {full:.1f} images/s | 1.00x |")
-        print(f"| --freeze backbone | {frozen:.1f} images/s | {frozen / full:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -407,3 +407,21 @@ def test_a_build_without_openmp_splits_the_work_over_python_threads_with_the_sam
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # ranges split unevenly
     for a, b in zip(with_openmp, run_all()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- ARM
+CROSS_COMPILER = "aarch64-linux-gnu-gcc"  # Debian's gcc-aarch64-linux-gnu; .ci/run installs it
+EM_AARCH64 = 183  # the ELF header's machine field for 64-bit ARM
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["-fopenmp", "-march=armv8-a"], ["-fopenmp-simd", "-march=armv8-a"]],
+                         ids=["openmp", "no-openmp"])
+def test_the_kernels_cross_compile_for_arm(flags, tmp_path):
+    """Apple M-series and Graviton (NEON) build the same C file: with OpenMP, and without it, as Apple's clang."""
+    if shutil.which(CROSS_COMPILER) is None:
+        pytest.skip(f"no {CROSS_COMPILER}: apt-get install gcc-aarch64-linux-gnu (.ci/run installs it)")
+    target = tmp_path / "cpu_kernels-aarch64.so"
+    cpu_kernels._compile(CROSS_COMPILER, target, flag_sets=(flags,))  # the build's own command, for ARM
+    header = target.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == EM_AARCH64

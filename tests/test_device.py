@@ -28,6 +28,19 @@ def test_auto_precision_on_the_cpu_is_bf16_only_where_the_cpu_has_bf16_instructi
     assert device.autocast_dtype(torch.device("mps"), "auto") is None
 
 
+def test_bf16_without_bf16_units_warns_once_and_says_what_auto_picks(monkeypatch, recwarn):
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    device._warn_emulated_bf16.cache_clear()
+    for _ in range(3):
+        assert device.autocast_dtype(CPU, "bf16") is torch.bfloat16  # taken as asked: a warning, not a fallback
+    messages = [str(w.message) for w in recwarn.list if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and "emulated" in messages[0] and "--precision auto picks fp32 here" in messages[0]
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    device._warn_emulated_bf16.cache_clear()
+    device.autocast_dtype(CPU, "bf16")
+    assert len([w for w in recwarn.list if "emulated" in str(w.message)]) == 1  # none where bf16 is real
+
+
 def test_only_fp16_gets_a_gradient_scaler():
     assert device.grad_scaler(CPU, torch.float16).is_enabled()
     assert not device.grad_scaler(CPU, torch.bfloat16).is_enabled()

@@ -211,6 +211,7 @@ def run_cli(args: list[str], env: dict[str, str], cwd) -> subprocess.CompletedPr
                           env={**os.environ, **env}, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_init_from_a_hub_id_in_the_cache_and_offline_without_it(hf_classifier, data16, tmp_path):
     _, folder = hf_classifier
     env = hub_cache(tmp_path / "hf-home", "someorg/tiny-vit", folder)
@@ -254,3 +255,18 @@ def test_a_resumed_init_run_does_not_need_its_source_again(vit_run, tiny_folder,
     shutil.copytree(vit_run, source)
     full = train_quietly(dataclasses.replace(run, train=dataclasses.replace(run.train, epochs=2)), tmp_path / "full")
     assert resumed["test_loss"] == full["test_loss"] and resumed["step"] == full["step"]
+
+
+def test_from_pretrained_takes_a_hub_id_from_the_cache(hf_classifier, tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    reference, folder = hf_classifier
+    hub_cache(tmp_path, "someorg/tiny-vit", folder)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # what HF_HOME sets at import
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    x = torch.randn(2, 3, 16, 16)
+    model = ViTForClassification.from_pretrained("someorg/tiny-vit")
+    torch.testing.assert_close(model(x)[0], reference(pixel_values=x).logits, rtol=0, atol=1e-4)
+    with pytest.raises(VitcraftError, match="someorg/absent is neither a local folder nor a Hugging Face hub model"):
+        ViTForClassification.from_pretrained("someorg/absent")
+    with pytest.raises(FileNotFoundError, match="model folder no/such/folder/here does not exist"):
+        ViTForClassification.from_pretrained("no/such/folder/here")

@@ -1,7 +1,8 @@
 """The training checkpoint of a run: everything ``--resume`` needs, in one safetensors file.
 
-``checkpoint.safetensors`` holds the model, the optimizer state, the RNG
-states, epoch, step and metrics so far, so one atomic rename publishes a
+``checkpoint.safetensors`` holds the model, the optimizer state, the
+weights' moving average (``--ema``, under ``ema.``), the RNG states, epoch,
+step and metrics so far, so one atomic rename publishes a
 consistent state; it is read without unpickling. (The weights that eval,
 predict and viz load are ``model.safetensors`` + ``model.json``: runs.py.)
 """
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitcraft.ema import ModelEma
 from vitcraft.errors import VitcraftError
 from vitcraft.files import load_tensors, save_tensors_atomic
 from vitcraft.state_dict import load_state_checked, unwrap
@@ -46,9 +48,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, progress: dict[str, Any]) -> None:
+                    scaler: torch.amp.GradScaler | None, progress: dict[str, Any], ema: ModelEma | None = None) -> None:
     """One file with all that resuming needs; ``progress`` is JSON (epoch, step, history...)."""
     tensors = {f"model.{k}": v for k, v in unwrap(model).state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     optimizer_tensors, optimizer_info = _flatten_optimizer(optimizer.state_dict())
     tensors.update(optimizer_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -61,8 +65,12 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
-    """Restore model, optimizer, scaler and RNG states in place; return the progress dict."""
+                    scaler: torch.amp.GradScaler | None, ema: ModelEma | None = None) -> dict[str, Any]:
+    """Restore model, optimizer, scaler, EMA and RNG states in place; return the progress dict.
+
+    A checkpoint without EMA weights (a run that started without ``--ema``) starts the average at the
+    resumed weights.
+    """
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise VitcraftError(f"cannot resume: {run_dir} holds no checkpoint ({CHECKPOINT_FILE} is missing)")
@@ -75,6 +83,9 @@ def load_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         raise VitcraftError(f"{path} is not a vitcraft training checkpoint") from None
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     load_state_checked(unwrap(model), model_state, path)
+    if ema is not None:
+        ema_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        load_state_checked(ema.module, ema_state or model_state, path)
     optimizer_tensors = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
     optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, optimizer_info))
     if scaler is not None and scaler_state:

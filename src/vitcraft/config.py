@@ -29,6 +29,7 @@ AUTO_AUGMENTS = ("randaugment", "trivialaugment")
 DISTILLATIONS = ("hard", "soft")
 HIDDEN_ACTS = ("gelu_tanh", "gelu")
 POOLINGS = ("cls", "mean")
+FREEZES = ("none", "backbone")
 MAX_SIZE = 2**31  # sizes must fit a 32-bit index, which some kernels use; larger is always a mistake
 
 
@@ -105,6 +106,9 @@ class ViTConfig(DictConfig):
     intermediate_size: int = 192  # hidden width of each block's MLP
     hidden_dropout_prob: float = 0.1  # dropout on embeddings, attention output and MLP output
     attention_probs_dropout_prob: float = 0.1  # dropout on the attention probabilities
+    # stochastic depth of the last block (whole residual branches dropped per sample in training);
+    # rises linearly from 0 at the first block (model.drop_path_rates)
+    drop_path_rate: float = 0.0
     initializer_range: float = 0.02  # std of the normal init of weights, [CLS] and positions
     qkv_bias: bool = True  # bias on the query/key/value projections
     # The seed's switch between the per-head and the fused attention modules.
@@ -130,7 +134,7 @@ class ViTConfig(DictConfig):
         """Raise one ValueError naming the first bad field."""
         check_positive_ints(self, ("image_size", "patch_size", "num_channels", "num_classes", "hidden_size",
                                    "num_hidden_layers", "num_attention_heads", "intermediate_size"))
-        check_fractions(self, ("hidden_dropout_prob", "attention_probs_dropout_prob"))
+        check_fractions(self, ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"))
         check_positive_numbers(self, ("initializer_range", "layer_norm_eps"))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -218,6 +222,19 @@ class TrainConfig:
     progressive_sizes: list[int] | None = setting(
         None, "train at these image sizes in turn, the epochs split evenly, e.g. 16,24,32; evaluation and the "
               "saved model stay at the data's size", none_means="off")
+    # fine-tuning (train.build_optimizer, ema.py); BEiT's and MAE's recipes use layer_decay 0.65-0.75,
+    # drop_path 0.1 and an EMA of decay 0.9999 over long runs
+    layer_decay: float | None = setting(
+        None, "layer-wise learning-rate decay: the head trains at the rate, encoder block i of D at rate * "
+              "R**(D - i), the embeddings at rate * R**(D + 1)", metavar="R", none_means="off")
+    freeze: str = setting("none", "backbone: train only the classifier (a linear probe), every other weight "
+                                  "stays as it started", choices=FREEZES)
+    drop_path: float | None = setting(
+        None, "stochastic depth of the last block, rising linearly from 0 at the first (ViT, DeiT and Swin "
+              "presets)", metavar="P", none_means="the model config's drop_path_rate")
+    ema: float | None = setting(
+        None, "also keep an exponential moving average of the weights with this decay per step; both are "
+              "evaluated each epoch and the better one is saved", metavar="DECAY", none_means="off")
 
     def __post_init__(self) -> None:
         _validate_settings(self, what="train setting")
@@ -231,12 +248,16 @@ class TrainConfig:
         check_non_negative(self, ("weight_decay", "warmup_steps", "min_lr"))
         check_non_negative(self, ("mixup_alpha", "cutmix_alpha"), zero_means="off")
         check_fractions(self, ("label_smoothing",))
+        check_fractions(self, ("drop_path",), optional=True)
+        check_decay_factors(self, ("layer_decay",), one_allowed=True)
+        check_decay_factors(self, ("ema",))
         check_probabilities(self, ("flip_p", "random_erasing", "mix_prob", "distill_alpha"))
         check_bools(self, ("grad_checkpointing",))
         check_choice(self, "schedule", SCHEDULES)
         check_choice(self, "precision", PRECISIONS)
         check_choice(self, "auto_augment", AUTO_AUGMENTS, optional=True)
         check_choice(self, "distillation", DISTILLATIONS)
+        check_choice(self, "freeze", FREEZES)
         if self.crop_scale is not None:
             if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
                 raise ValueError(f"crop_scale must be two numbers 0 < low <= high <= 1, got {self.crop_scale!r}")
@@ -323,11 +344,21 @@ def check_non_negative(config: Any, names: tuple[str, ...], zero_means: str = ""
             raise ValueError(f"{name} must be {zero} or positive, got {value!r}")
 
 
-def check_fractions(config: Any, names: tuple[str, ...]) -> None:
+def check_fractions(config: Any, names: tuple[str, ...], optional: bool = False) -> None:
     """Rates that must leave something, such as dropout: numbers in [0, 1)."""
-    for name, value in _checked(config, names, optional=False):
+    for name, value in _checked(config, names, optional):
         if not _is_number(value) or not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_decay_factors(config: Any, names: tuple[str, ...], one_allowed: bool = False) -> None:
+    """Factors applied again and again (per layer, per step), None when off: numbers in (0, 1).
+
+    0 would leave nothing; ``one_allowed`` where 1 means "no decay" rather than "never changes"."""
+    high = "1]" if one_allowed else "1)"
+    for name, value in _checked(config, names, optional=True):
+        if not _is_number(value) or not (0 < value < 1 or (one_allowed and value == 1)):
+            raise ValueError(f"{name} must be in (0, {high}, got {value!r}")
 
 
 def check_probabilities(config: Any, names: tuple[str, ...]) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
+import warnings
 
 import torch
 
@@ -51,7 +53,15 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        _warn_emulated_bf16()
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@functools.cache  # once per process: every evaluation asks again
+def _warn_emulated_bf16() -> None:
+    warnings.warn("--precision bf16 on this CPU is emulated: it has no bf16 units (AVX512-BF16 or AMX), so bf16 "
+                  "matrix products run many times slower than fp32; --precision auto picks fp32 here", stacklevel=3)
 
 
 def cpu_has_bf16() -> bool:

@@ -271,28 +271,62 @@ def build_attention(config: ViTConfig) -> nn.Module:
     return FasterMultiHeadAttention(config, use_sdpa=config.attention_backend == "sdpa")
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop a residual branch for whole samples.
+
+    Each sample's branch output is zeroed with probability p and kept ones are
+    scaled by 1 / (1 - p), so the expected output is unchanged; in eval mode
+    (and at p = 0) it is the identity. Deep ViTs and Swins rely on it as their
+    main regulariser.
+    Shape preserving, (B, ...).
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        return x * keep.bernoulli_(1 - self.p).div_(1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """The stochastic-depth rate of each of ``depth`` blocks: rising linearly from 0 at the first to
+    ``rate`` at the last, as DeiT and timm (``torch.linspace(0, rate, depth)``): early blocks, whose
+    features every later one builds on, are dropped least."""
+    return [rate * index / max(1, depth - 1) for index in range(depth)]
+
+
 class Block(nn.Module):
     """One transformer block: attention then MLP, each pre-normalised and residual.
 
     x = x + attention(layernorm_1(x)); x = x + mlp(layernorm_2(x)).
     Normalising before each sub-layer (pre-LN) keeps the residual path clean,
     which trains more stably than the original post-LN transformer.
+    ``drop_path``: the block's stochastic-depth rate (``DropPath`` on both
+    residual branches; the identity at 0 and in eval mode).
     In: (B, N, hidden). Out: ((B, N, hidden), attention probs (B, heads, N, N)
     or None).
     """
 
-    def __init__(self, config: ViTConfig | Mapping[str, Any]):
+    def __init__(self, config: ViTConfig | Mapping[str, Any], drop_path: float = 0.0):
         super().__init__()
         config = as_config(config)
         self.layernorm_1 = ops.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = build_attention(config)
         self.layernorm_2 = ops.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
         attention_output, attention_probs = self.attention(self.layernorm_1(x), output_attentions=output_attentions)
-        x = x + attention_output
-        x = x + self.mlp(self.layernorm_2(x))
+        x = x + self.drop_path(attention_output)
+        x = x + self.drop_path(self.mlp(self.layernorm_2(x)))
         return x, attention_probs
 
     def forward_first_tokens(self, x: torch.Tensor, count: int) -> torch.Tensor:
@@ -308,8 +342,8 @@ class Block(nn.Module):
         if not isinstance(self.attention, FasterMultiHeadAttention):
             return self(x)[0][:, :count]
         attention_output, _ = self.attention(self.layernorm_1(x), num_queries=count)
-        x = x[:, :count] + attention_output  # (B, count, hidden)
-        return x + self.mlp(self.layernorm_2(x))
+        x = x[:, :count] + self.drop_path(attention_output)  # (B, count, hidden)
+        return x + self.drop_path(self.mlp(self.layernorm_2(x)))
 
 
 class Encoder(nn.Module):
@@ -328,7 +362,8 @@ class Encoder(nn.Module):
     def __init__(self, config: ViTConfig | Mapping[str, Any]):
         super().__init__()
         config = as_config(config)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
+        rates = drop_path_rates(config.drop_path_rate, config.num_hidden_layers)
+        self.blocks = nn.ModuleList([Block(config, rate) for rate in rates])
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False, first_tokens: int | None = None):

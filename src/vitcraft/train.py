@@ -8,11 +8,12 @@
    augmentations; the schedule's length. A resumed run loads its checkpoint, a
    new one writes run.json.
 2. per epoch, ``train_one_epoch``: augment each batch, forward under autocast,
-   backward, clip, step AdamW at ``learning_rate_at(step)``. Loss and accuracy
+   backward, clip, step AdamW at ``learning_rate_at(step)`` (times each group's
+   ``lr_scale``: ``--layer-decay``), update the weights' average (``--ema``). Loss and accuracy
    sums stay on the device and are read every ``TensorBoardLog.step_every`` steps
    (progress bar, TensorBoard, the divergence check) and at the epoch's end;
-3. ``end_of_epoch``: evaluate, append the metrics record, write the checkpoint,
-   the weights and metrics.jsonl atomically, log;
+3. ``end_of_epoch``: evaluate (the EMA too: the better one is saved), append the
+   metrics record, write the checkpoint, the weights and metrics.jsonl atomically, log;
 4. at the end, the figures.
 
 Under torchrun it trains with DistributedDataParallel, each rank on its shard of
@@ -51,9 +52,10 @@ from vitcraft.device import (
     pick_device,
 )
 from vitcraft.distill import Distiller, load_teacher
+from vitcraft.ema import ModelEma
 from vitcraft.errors import VitcraftError
 from vitcraft.files import atomic_write_json
-from vitcraft.model import count_parameters
+from vitcraft.model import Encoder, count_parameters
 from vitcraft.pretrained import Pretrained, model_for_data, read_source, source_normalization
 from vitcraft.registry import get_preset, preset_config
 from vitcraft.resize import allow_image_sizes, progressive_size, resize_batch
@@ -91,23 +93,85 @@ def build_augmentations(train: TrainConfig, normalization: Normalization, num_cl
     return crop_and_flip, stronger
 
 
+HEAD_NAMES = ("classifier", "distillation_classifier")  # the linear heads: all that --freeze backbone trains
+# what comes before the encoder blocks: ViT's and DeiT's embedding module, CCT's tokenizer and positions
+EMBEDDING_PREFIXES = ("embedding.", "tokenizer.", "position_embeddings")
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """A linear probe (``--freeze backbone``): only the classifier heads keep ``requires_grad``.
+
+    Everything else, the final LayerNorm included, keeps its weights and is left out of the
+    optimizer. The model still trains in train mode, so its dropout stays on.
+    """
+    heads = [getattr(model, name) for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Linear)]
+    if not heads:
+        raise VitcraftError(f"--freeze backbone trains only the classifier, and a {type(model).__name__} has "
+                            f"no linear `classifier`")
+    model.requires_grad_(False)
+    for head in heads:
+        head.requires_grad_(True)
+
+
+def encoder_depth(model: nn.Module) -> int:
+    """The number of encoder blocks ``--layer-decay`` counts; a VitcraftError for a model without them."""
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, Encoder):
+        raise VitcraftError(f"--layer-decay scales the learning rate per encoder block (encoder.blocks), and a "
+                            f"{type(model).__name__} has none; the ViT, DeiT and CCT presets have them")
+    return len(encoder.blocks)
+
+
+def layer_id(name: str, depth: int) -> int:
+    """The layer of parameter ``name`` in a model of ``depth`` encoder blocks, for layer-wise decay.
+
+    0: the embeddings (patch projection, [CLS], distillation token, positions; CCT's tokenizer);
+    i + 1: ``encoder.blocks.{i}.*``; depth + 1: the rest, the head (final LayerNorm, pooling, classifiers).
+    """
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return 0 if name.startswith(EMBEDDING_PREFIXES) else depth + 1
+
+
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only.
+    """AdamW with weight decay on weight matrices only; with ``layer_decay``, a learning rate per layer.
 
     Decaying biases, LayerNorm gains, the [CLS] (and DeiT's distillation) token, position
     embeddings or Swin's relative position bias tables pulls them towards 0 for no benefit
     (timm and nanoGPT exclude them too).
+    With ``layer_decay`` R (BEiT, MAE, timm), the groups are split by layer too (``layer_id``):
+    layer l of depth + 2 gets ``lr_scale`` R**(depth + 1 - l), so the head trains at the full rate
+    and the layers nearer the input, whose pretrained features are the most general, change least.
+    The training loop sets each group's lr to ``learning_rate_at(step) * lr_scale``.
+    Parameters that do not require grad (``freeze_backbone``) are left out.
     """
     no_decay_names = {"cls_token", "distillation_token", "position_embeddings", "relative_position_bias_table"}
-    decay, no_decay = [], []
+    depth = encoder_depth(model) if train.layer_decay is not None else 0
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}  # (layer, not decayed) -> group
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         is_matrix = param.ndim >= 2 and name.rsplit(".", 1)[-1] not in no_decay_names
-        (decay if is_matrix else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.999))
+        layer = layer_id(name, depth) if train.layer_decay is not None else 0
+        scale = train.layer_decay ** (depth + 1 - layer) if train.layer_decay is not None else 1.0
+        group = groups.setdefault((layer, not is_matrix), {
+            "params": [], "weight_decay": train.weight_decay if is_matrix else 0.0,
+            "lr_scale": scale, "lr": train.learning_rate * scale})
+        group["params"].append(param)
+    return torch.optim.AdamW([groups[key] for key in sorted(groups)], lr=train.learning_rate, betas=(0.9, 0.999))
+
+
+def drop_path_override(train: TrainConfig, config_class: type, model_name: str) -> dict[str, float]:
+    """The model config change ``--drop-path P`` asks for: ``{"drop_path_rate": P}``, or {} when unset.
+
+    A VitcraftError naming ``model_name`` when ``config_class`` has no stochastic depth (CCT, the CNNs).
+    """
+    if train.drop_path is None:
+        return {}
+    if "drop_path_rate" not in config_class.field_names():
+        raise VitcraftError(f"--drop-path sets the model's drop_path_rate, and {model_name} ({config_class.__name__}) "
+                            f"has no stochastic depth; the ViT, DeiT and Swin presets have it")
+    return {"drop_path_rate": train.drop_path}
 
 
 def resolve_model_config(run: RunConfig, train_set: ImageTensorDataset, image_size: int | None = None):
@@ -115,12 +179,14 @@ def resolve_model_config(run: RunConfig, train_set: ImageTensorDataset, image_si
 
     ``image_size``: the model's input size, the test split's (with ``crop_pct`` the training
     images are larger, and cropped to it); None: the training split's.
+    ``--drop-path`` (``run.train.drop_path``) sets the config's ``drop_path_rate`` last.
     """
     image_size = image_size or train_set.image_size
     from_data = {"image_size": image_size, "num_channels": train_set.num_channels,
                  "num_classes": len(train_set.class_names)}
+    recipe = drop_path_override(run.train, get_preset(run.preset).config_class, f"model preset {run.preset!r}")
     try:
-        return preset_config(run.preset, **{**from_data, **run.model})
+        return preset_config(run.preset, **{**from_data, **run.model, **recipe})
     except ValueError as error:
         raise VitcraftError(
             f"model preset {run.preset!r} does not fit the data ({image_size}x{image_size}, "
@@ -281,10 +347,18 @@ class Training:
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl records so far
     start_epoch: int = 0
     step: int = 0  # optimizer steps taken
+    ema: ModelEma | None = None  # the weights' moving average (--ema)
 
     @property
     def cfg(self) -> TrainConfig:
         return self.run.train
+
+
+def saved_model(t: Training) -> nn.Module:
+    """The model whose weights model.safetensors holds: the EMA if the last epoch's record chose it, else the
+    raw one."""
+    chose_ema = t.history and t.history[-1].get("saved") == "ema"
+    return t.ema.module if t.ema is not None and chose_ema else t.model
 
 
 @dataclass
@@ -332,8 +406,9 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     init_report = None
     if source is not None:
+        overrides = {**run.model, **drop_path_override(cfg, type(source.config), source.preset)}
         model, init_report = model_for_data(source, train_set.class_names, test_set.image_size,
-                                            train_set.num_channels, **run.model)
+                                            train_set.num_channels, **overrides)
         model_config = model.config
         model = model.to(device)
     else:
@@ -343,7 +418,11 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
         model.set_grad_checkpointing(enable=True)
     if cfg.progressive_sizes:
         allow_image_sizes(model, cfg.progressive_sizes, run.preset)
+    num_parameters = count_parameters(model)  # all of them: before freezing, which leaves the head's trainable
+    if cfg.freeze == "backbone":  # before the optimizer, which leaves frozen weights out
+        freeze_backbone(model)
     optimizer = build_optimizer(model, cfg)
+    ema = ModelEma(model, cfg.ema) if cfg.ema is not None else None  # resumed: the checkpoint's
     dtype = autocast_dtype(device, cfg.precision)
     augment, extra = build_augmentations(cfg, normalization, len(train_set.class_names),
                                          output_size=test_set.image_size if crop_pct else None)
@@ -358,21 +437,21 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
         "model_config": model_config.to_dict(), "preset": source.preset if source else run.preset,
         "class_names": train_set.class_names, "mean": list(normalization.mean), "std": list(normalization.std),
         **({"crop_pct": crop_pct} if crop_pct else {}),
-        "num_parameters": count_parameters(model),
+        "num_parameters": num_parameters,
     }
     t = Training(run=run, out_dir=out_dir, ddp=ddp, device=device, dtype=dtype, train_set=train_set,
                  test_set=test_set, normalization=normalization, model=model, ddp_model=model,
                  optimizer=optimizer, scaler=grad_scaler(device, dtype), augment=augment, extra=extra,
                  distiller=distiller, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
-                 total_steps=total_steps, metadata=metadata)
+                 total_steps=total_steps, metadata=metadata, ema=ema)
     if resume:
-        state = ckpt.load_checkpoint(out_dir, model, optimizer, t.scaler)
+        state = ckpt.load_checkpoint(out_dir, model, optimizer, t.scaler, ema)
         t.start_epoch, t.step, t.history = state["epoch"], state["step"], state["history"]
         if ddp.is_main:
             # a kill between the checkpoint and the files after it leaves those a step behind:
             # bring them back in line with the checkpoint (also when no epoch is left to run)
             runs.write_metrics(out_dir, t.history)
-            runs.save_model(out_dir, model, metadata)
+            runs.save_model(out_dir, saved_model(t), metadata)
             log(f"resuming {out_dir} after epoch {t.start_epoch} (step {t.step})")
     elif ddp.is_main:
         init = {"init": init_report.to_dict()} if init_report else {}
@@ -438,7 +517,7 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
             break
         lr = learning_rate_at(t.step, cfg, t.total_steps)
         for group in t.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # --layer-decay's scale; a checkpoint's groups may lack it
         images = t.augment(t.extra.policy(images, generator), generator).to(device, non_blocking=True)
         images = resize_batch(images, image_size)  # progressive resizing; a no-op at the data's size
         labels = labels.to(device, non_blocking=True)
@@ -456,6 +535,8 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
             nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
         t.scaler.step(t.optimizer)
         t.scaler.update()
+        if t.ema is not None:
+            t.ema.update(t.model)
         t.step += 1
         sums[0] += loss.detach() * len(labels)
         sums[1] += (logits.argmax(1) == labels).sum()
@@ -478,10 +559,16 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
 
 def end_of_epoch(t: Training, epoch: int, sums: EpochSums, board: TensorBoardLog,
                  log: Callable[[str], None], progress: bool) -> dict[str, Any]:
-    """Evaluate, append the epoch's record; on rank 0 write checkpoint, weights and metrics, and log it."""
+    """Evaluate, append the epoch's record; on rank 0 write checkpoint, weights and metrics, and log it.
+
+    With ``--ema`` the average is evaluated too (``ema_test_*``) and the weights with the higher test
+    accuracy are saved, the raw ones on a tie (``saved``: "ema" or "raw").
+    """
     cfg = t.cfg
     result = evaluate(t.model, t.test_set, t.normalization, t.device, t.dtype, cfg.eval_batch_size,
                       ddp=t.ddp, progress=progress)
+    averaged = evaluate(t.ema.module, t.test_set, t.normalization, t.device, t.dtype, cfg.eval_batch_size,
+                        ddp=t.ddp, progress=progress) if t.ema is not None else None
     record = {
         "epoch": epoch + 1, "step": t.step, "train_loss": sums.loss_sum / sums.seen,
         "train_acc": sums.correct / sums.seen, "test_loss": result["loss"], "test_acc": result["acc"],
@@ -490,12 +577,15 @@ def end_of_epoch(t: Training, epoch: int, sums: EpochSums, board: TensorBoardLog
     }
     if cfg.progressive_sizes:
         record["image_size"] = sums.image_size
+    if averaged is not None:
+        record.update(ema_test_loss=averaged["loss"], ema_test_acc=averaged["acc"], ema_test_top5=averaged["top5"],
+                      saved="ema" if averaged["acc"] > result["acc"] else "raw")
     t.history.append(record)
     if t.ddp.is_main:
         # the checkpoint first: a resume repairs the files after it (see set_up)
         ckpt.save_checkpoint(t.out_dir, t.model, t.optimizer, t.scaler,
-                             {"epoch": epoch + 1, "step": t.step, "history": t.history})
-        runs.save_model(t.out_dir, t.model, t.metadata)
+                             {"epoch": epoch + 1, "step": t.step, "history": t.history}, t.ema)
+        runs.save_model(t.out_dir, saved_model(t), t.metadata)
         runs.write_metrics(t.out_dir, t.history)
         log(_epoch_line(record, cfg.epochs))
         board.log_epoch(record)
@@ -503,8 +593,10 @@ def end_of_epoch(t: Training, epoch: int, sums: EpochSums, board: TensorBoardLog
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    ema = (f"ema_test_acc {100 * record['ema_test_acc']:.2f}%  saved {record['saved']}  "
+           if "saved" in record else "")
     return (f"epoch {record['epoch']}/{epochs}  train_loss {record['train_loss']:.4f}  "
-            f"test_loss {record['test_loss']:.4f}  test_acc {100 * record['test_acc']:.2f}%  "
+            f"test_loss {record['test_loss']:.4f}  test_acc {100 * record['test_acc']:.2f}%  {ema}"
             f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f}s")
 
 
@@ -531,7 +623,7 @@ def train(run: RunConfig, out_dir: Path | str, *, resume: bool = False, overwrit
     if t.ddp.is_main and figures:
         from vitcraft.plots import draw_run_figures
 
-        draw_run_figures(t.out_dir, t.model, t.test_set, t.normalization, t.history,
+        draw_run_figures(t.out_dir, saved_model(t), t.test_set, t.normalization, t.history,
                          [learning_rate_at(s, t.cfg, t.total_steps) for s in range(t.total_steps)], t.device)
     if t.ddp.world_size > 1:
         dist.barrier()  # no rank tears the process group down while rank 0 still draws

@@ -46,7 +46,7 @@ from vitcraft.config import (
     check_positive_ints,
     check_positive_numbers,
 )
-from vitcraft.model import MLP, FasterMultiHeadAttention, PatchEmbeddings
+from vitcraft.model import MLP, DropPath, FasterMultiHeadAttention, PatchEmbeddings, drop_path_rates
 from vitcraft.variants.common import init_linear_and_layernorm
 
 # Added to the scores of (query, key) pairs in different regions of a rolled grid.
@@ -265,29 +265,6 @@ class WindowAttention(FasterMultiHeadAttention):
         return super().forward(windows, output_attentions, attention_bias=bias)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: in training, drop a residual branch for whole samples.
-
-    Each sample's branch output is zeroed with probability p and kept ones are
-    scaled by 1 / (1 - p), so the expected output is unchanged; in eval mode
-    it is the identity. Deep Swins rely on it as their main regulariser.
-    Shape preserving, (B, ...).
-    """
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
-        return x * keep.bernoulli_(1 - self.p).div_(1 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 class SwinBlock(nn.Module):
     """One Swin block: (shifted-)window attention then MLP, each pre-normalised and residual.
 
@@ -401,9 +378,8 @@ class SwinForClassification(nn.Module):
         config = self.config
         self.patch_embeddings = PatchEmbeddings(config.stage_config(0))
         self.patch_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
-        # stochastic depth rises linearly over all blocks: deeper blocks are dropped more often
-        total = sum(config.depths)
-        rates = [config.drop_path_rate * number / max(1, total - 1) for number in range(total)]
+        # stochastic depth rises linearly over all blocks of all stages
+        rates = drop_path_rates(config.drop_path_rate, sum(config.depths))
         starts = [sum(config.depths[:index]) for index in range(config.num_stages)]
         self.stages = nn.ModuleList([
             SwinStage(config, index, rates[start:start + depth])
