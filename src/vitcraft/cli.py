@@ -7,9 +7,11 @@ ends with one ``vitcraft: error: ...`` line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import sys
+import tempfile
 import typing
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +25,8 @@ EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}  # --format -> 
 RESUME_FLAGS = ("resume", "epochs", "no_figures", "no_tensorboard")
 DATA_SOURCE_FIELDS = ("data", "data_root", "image_size", "cache_dir")  # the DataConfig flags of eval and viz
 METAVARS = {int: "N", float: "X"}
+PREDICTION_FORMATS = (".csv", ".jsonl")  # the suffixes `predict --output` writes
+SKIPPED_NAMES = 10  # at most this many skipped files are named; the rest are counted
 
 
 # ------------------------------------------------------- flags from config fields
@@ -144,12 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(p, DataConfig, DATA_SOURCE_FIELDS, default_note="the run's")
     add_setting_flag(p, TrainConfig, "eval_batch_size", flag="batch-size", use_default=True)
     add_setting_flag(p, TrainConfig, "device", use_default=True)
+    p.add_argument("--onnx", metavar="FILE", help="score this file exported by `vitcraft export` (fp32 or int8) in "
+                                                  "onnxruntime instead of the run's PyTorch model")
     p.set_defaults(handler=cmd_eval)
 
-    p = commands.add_parser("predict", help="top-k classes of image files")
+    p = commands.add_parser("predict", help="top-k classes of image files, or of every image in folders")
     p.add_argument("run_dir")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="an image file, or a folder: every image in its tree")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes shown per image (default: 5)")
+    p.add_argument("--output", metavar="FILE", help="write the predictions to FILE, a .csv or .jsonl file, "
+                                                    "instead of printing them")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    add_setting_flag(p, TrainConfig, "eval_batch_size", flag="batch-size", use_default=True)
     add_setting_flag(p, TrainConfig, "device", use_default=True)
     p.set_defaults(handler=cmd_predict)
 
@@ -179,8 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="write a run's model as ONNX or TorchScript, for inference elsewhere")
     p.add_argument("run_dir")
     p.add_argument("--format", choices=sorted(EXPORT_FILES), default="onnx")
-    p.add_argument("--out", help="output file (default RUN_DIR/model.onnx or RUN_DIR/model.pt)")
+    p.add_argument("--out", help="output file (default RUN_DIR/model.onnx, RUN_DIR/model-int8.onnx with "
+                                 "--quantize int8, or RUN_DIR/model.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--quantize", choices=["int8"], help="quantise the ONNX graph with onnxruntime (needs onnxruntime)")
+    p.add_argument("--int8-method", choices=["static", "dynamic"], default="dynamic",
+                   help="dynamic: int8 weights, activations quantised per batch (default: as accurate as static "
+                        "here, and faster in onnxruntime; docs/deploy.md); static: int8 activations too, their "
+                        "ranges calibrated on training images")
+    p.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                   help="training images that calibrate static int8 (default 256)")
+    add_setting_flags(p, DataConfig, DATA_SOURCE_FIELDS, default_note="the run's")
     p.set_defaults(handler=cmd_export)
 
     p = commands.add_parser("list-models", help="the model presets")
@@ -258,7 +277,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # -------------------------------------------------------- eval / predict / viz
 def _run_test_set(run_dir: Path, args: argparse.Namespace, metadata: dict):
-    """The test split a run was trained on, or the one --data names, at the model's image size or --image-size.
+    """The test split a run was trained on, or the one --data names (see _run_splits)."""
+    return _run_splits(run_dir, args, metadata)[1]
+
+
+def _run_splits(run_dir: Path, args: argparse.Namespace, metadata: dict):
+    """(train, test) splits a run was trained on, or those --data names, at the model's image size or --image-size.
 
     Prepared with the model's crop_pct (its metadata's), so eval sees exactly what training evaluated on.
     """
@@ -272,13 +296,13 @@ def _run_test_set(run_dir: Path, args: argparse.Namespace, metadata: dict):
         raise VitcraftError(f"{run_dir} does not say which data it was trained on; pass --data")
     data_root = args.data_root or (saved.data_root if not args.data else None)
     cache_dir = args.cache_dir or saved.cache_dir
-    _, test_set = load_splits(data, Path(data_root) if data_root else None,
-                              args.image_size or metadata["model_config"]["image_size"],
-                              Path(cache_dir) if cache_dir else None, crop_pct=metadata.get("crop_pct"))
+    train_set, test_set = load_splits(data, Path(data_root) if data_root else None,
+                                      args.image_size or metadata["model_config"]["image_size"],
+                                      Path(cache_dir) if cache_dir else None, crop_pct=metadata.get("crop_pct"))
     if test_set.num_channels != metadata["model_config"]["num_channels"]:
         raise VitcraftError(f"{data} has {test_set.num_channels}-channel images but the model takes "
                             f"{metadata['model_config']['num_channels']}")
-    return test_set
+    return train_set, test_set
 
 
 def _predictor(run_dir: str, device_name: str):
@@ -307,6 +331,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from vitcraft.train import evaluate
 
     model, metadata, normalization, device = _load(args.run_dir, args.device)
+    if args.onnx:  # the exported graph instead, on the CPU, with the run's data and normalisation
+        import torch
+
+        from vitcraft.export import OnnxModel
+
+        if args.image_size:
+            raise VitcraftError("an ONNX file takes the image size it was exported at; leave out --image-size")
+        model, device = OnnxModel(args.onnx, expected=metadata["model_config"]), torch.device("cpu")
     _allow_image_size(model, args.image_size, metadata)
     test_set = _run_test_set(Path(args.run_dir), args, metadata)
     names = metadata["class_names"]
@@ -324,14 +356,88 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from vitcraft.inference import read_images
+    from tqdm import tqdm
 
+    from vitcraft.files import atomic_write
+    from vitcraft.inference import find_files
+
+    out = _predictions_file(args.output, args.overwrite) if args.output else None
     predictor = _predictor(args.run_dir, args.device)
-    images = read_images(args.images, predictor.metadata)
-    for path, top in zip(args.images, predictor.top_k(images, args.top_k)):
-        print(path)
-        for name, probability in top:
-            print(f"  {name:<20} {100 * probability:6.2f}%")
+    files = find_files(args.paths)
+    if out is not None:  # an earlier --output in a folder being read is not an input
+        files = [path for path in files if path.resolve() != out.resolve()]
+    if not files:
+        raise VitcraftError(f"found no files in {', '.join(args.paths)}")
+    predictions = _predict_files(predictor, files, args.top_k, args.eval_batch_size)
+    if out is None:
+        for path, top in predictions:  # tqdm.write keeps the progress bar below the lines
+            tqdm.write("\n".join([str(path), *(f"  {name:<20} {100 * p:6.2f}%" for name, p in top)]))
+    else:
+        atomic_write(out, lambda tmp: _write_predictions(tmp, out.suffix.lower(), predictions))
+        print(f"wrote {out}")
+
+
+def _predictions_file(output: str, overwrite: bool) -> Path:
+    """The --output path, once its suffix names a format and it replaces nothing that --overwrite does not allow."""
+    out = Path(output)
+    if out.suffix.lower() not in PREDICTION_FORMATS:
+        suffix = repr(out.suffix) if out.suffix else "no suffix"
+        raise VitcraftError(f"--output {out}: its suffix chooses the format, {' or '.join(PREDICTION_FORMATS)}; "
+                            f"got {suffix}")
+    if out.is_dir():
+        raise VitcraftError(f"--output {out} is a folder; name a file in it")
+    if out.exists() and not overwrite:
+        raise VitcraftError(f"{out} already exists; pass --overwrite to replace it, or another --output")
+    return out
+
+
+def _predict_files(predictor, files: list[Path], k: int, batch_size: int):
+    """(path, top-k) per image among ``files``, with a progress bar on a terminal.
+
+    Afterwards the files that are not images are named on stderr; if no file
+    was an image, that is a VitcraftError instead.
+    """
+    from tqdm import tqdm
+
+    skipped, found = [], 0
+    with tqdm(total=len(files), desc="predict", unit="file", leave=False, disable=not sys.stderr.isatty()) as bar:
+        def skip(path: Path, error: VitcraftError) -> None:
+            skipped.append((path, error))
+            bar.update()
+
+        for path, top in predictor.predict_files(files, k, batch_size, on_skip=skip):
+            found += 1
+            bar.update()
+            yield path, top
+    if not found:  # one error line, with the first file's reason
+        raise VitcraftError(f"found no images to predict: {_skipped_note(skipped)} ({skipped[0][1]})")
+    if skipped:
+        print(f"vitcraft: {_skipped_note(skipped)}", file=sys.stderr)
+
+
+def _skipped_note(skipped: list[tuple[Path, VitcraftError]]) -> str:
+    """'skipped 2 files that are not images: a.txt, b.bin', naming at most SKIPPED_NAMES files."""
+    names = [str(path) for path, _ in skipped[:SKIPPED_NAMES]]
+    if len(skipped) > SKIPPED_NAMES:
+        names.append(f"and {len(skipped) - SKIPPED_NAMES} more")
+    what = "1 file that is not an image" if len(skipped) == 1 else f"{len(skipped)} files that are not images"
+    return f"skipped {what}: {', '.join(names)}"
+
+
+def _write_predictions(path: str, kind: str, predictions) -> None:
+    """Write (path, top-k) pairs to ``path`` as ``kind`` (".csv" or ".jsonl"), probabilities unrounded."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        if kind == ".jsonl":
+            for file, top in predictions:
+                record = {"file": str(file), "top": [{"class": name, "probability": p} for name, p in top]}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            return
+        writer = csv.writer(f)
+        for row, (file, top) in enumerate(predictions):
+            if row == 0:  # top_k clips k to the number of classes, so the first row says how many columns
+                writer.writerow(["file", *(f"{column}_{rank}" for rank in range(1, len(top) + 1)
+                                           for column in ("class", "prob"))])
+            writer.writerow([str(file), *(value for pair in top for value in pair)])
 
 
 def cmd_viz(args: argparse.Namespace) -> None:
@@ -385,12 +491,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from vitcraft import export
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / EXPORT_FILES[args.format]
+    if args.quantize and args.format != "onnx":
+        raise VitcraftError("--quantize int8 quantises an ONNX graph: use it with --format onnx")
+    default = "model-int8.onnx" if args.quantize else EXPORT_FILES[args.format]
+    out = Path(args.out) if args.out else Path(args.run_dir) / default
     if out.exists() and not args.overwrite:
         raise VitcraftError(f"{out} already exists; pass --overwrite to replace it, or another --out")
-    model = _load(args.run_dir, "cpu")[0]  # a run directory or a model folder
-    write = export.export_onnx if args.format == "onnx" else export.export_torchscript
-    print(f"wrote {write(model, out)}")
+    model, metadata, normalization, _ = _load(args.run_dir, "cpu")  # a run directory or a model folder
+    if args.format == "torchscript":
+        print(f"wrote {export.export_torchscript(model, out)}")
+        return
+    if not args.quantize:
+        print(f"wrote {export.export_onnx(model, out)}")
+        return
+    import torch
+
+    calibration = None
+    if args.int8_method == "static":  # the first N training images of a fixed shuffle, as the model sees them
+        train_set = _run_splits(Path(args.run_dir), args, metadata)[0]
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:args.calibration_images]
+        calibration = normalization(train_set.images[order].float() / 255)
+    with tempfile.TemporaryDirectory() as folder:
+        fp32 = export.export_onnx(model, Path(folder) / "model.onnx")
+        written = export.quantize_onnx(fp32, out, args.int8_method, calibration)
+    how = f"calibrated on {len(calibration)} training images" if calibration is not None else "no calibration"
+    print(f"wrote {written} (int8, {args.int8_method}: {how})")
 
 
 def cmd_list_models(args: argparse.Namespace) -> None:

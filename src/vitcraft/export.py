@@ -1,4 +1,4 @@
-"""Export a trained model for inference outside Python training code: ONNX and TorchScript.
+"""Export a trained model for inference outside Python training code: ONNX (fp32 or int8) and TorchScript.
 
 Both exports trace a thin wrapper that returns the logits only (the model
 itself returns ``(logits, None)``), in eval mode, on CPU, with the batch
@@ -10,6 +10,13 @@ dynamo exporter needs the ``onnxscript`` package, which vitcraft does not
 depend on, while the TorchScript one works with torch alone. Every attention
 backend exports (sdpa becomes plain ONNX MatMul/Softmax ops). Files are
 written atomically (vitcraft.files), so a failed export leaves no half file.
+
+int8 (:func:`quantize_onnx`) is onnxruntime's quantisation of that graph:
+static (weights and activations in int8, the activations' ranges calibrated
+on training images) or dynamic (int8 weights, activation ranges computed per
+batch at run time). :class:`OnnxModel` runs an exported file in onnxruntime
+behind the model's own call signature, so ``train.evaluate`` scores it as it
+scores the PyTorch model.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -78,6 +86,109 @@ def export_onnx(model: ViTForClassification, path: str | os.PathLike, opset: int
             wrapper, (example,), temp, dynamo=False, opset_version=opset,
             input_names=["pixel_values"], output_names=["logits"],
             dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}}))
+
+
+INT8_METHODS = ("static", "dynamic")
+# the matrix products carry nearly all the arithmetic and the weights; LayerNorm, softmax, GELU and the
+# residual adds stay in float32, where int8 would cost accuracy and add quantise/dequantise pairs
+QUANTIZED_OPS = ["MatMul", "Gemm", "Conv"]
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime() -> Iterator[None]:
+    """onnxruntime's quantisation tools log advice through the root logger and warnings; keep the CLI's output."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_onnx(fp32_path: str | os.PathLike, path: str | os.PathLike, method: str = "dynamic",
+                  calibration: torch.Tensor | None = None, batch_size: int = 32) -> Path:
+    """Write the int8 quantisation of the ONNX file ``fp32_path`` to ``path``; returns the path.
+
+    ``static``: QDQ format, int8 weights per output channel and int8 activations whose ranges
+    come from running ``calibration`` (normalised images, (N, C, H, W) float32) through the
+    model in batches; ``dynamic``: int8 weights of the matrix products, activations quantised
+    per batch at run time (no calibration). Needs onnxruntime (``pip install onnxruntime``).
+    """
+    try:
+        from onnxruntime import quantization
+    except ImportError:
+        raise VitcraftError("int8 export needs onnxruntime: pip install onnxruntime") from None
+    if method not in INT8_METHODS:
+        raise VitcraftError(f"int8 method must be one of {', '.join(INT8_METHODS)}; got {method!r}")
+    if method == "static" and (calibration is None or len(calibration) == 0):
+        raise VitcraftError("static int8 quantisation needs calibration images")
+
+    class Batches(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration.split(batch_size))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"pixel_values": batch.float().numpy()}
+
+    def write(temp: str) -> None:
+        prepared = Path(temp).with_suffix(".prepared.onnx")
+        try:
+            with _quiet_onnxruntime():
+                quantization.quant_pre_process(str(fp32_path), str(prepared))  # shape inference, folding
+                if method == "static":
+                    quantization.quantize_static(
+                        str(prepared), temp, Batches(), quant_format=quantization.QuantFormat.QDQ,
+                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+                        activation_type=quantization.QuantType.QInt8, weight_type=quantization.QuantType.QInt8)
+                else:
+                    quantization.quantize_dynamic(str(prepared), temp, op_types_to_quantize=QUANTIZED_OPS,
+                                                  weight_type=quantization.QuantType.QInt8)
+        finally:
+            prepared.unlink(missing_ok=True)
+
+    return atomic_write(path, write)
+
+
+class OnnxModel(nn.Module):
+    """An exported ONNX file run by onnxruntime, called like the model it came from.
+
+    In: float (B, C, H, W) normalised images. Out: ``(logits (B, num_classes), None)``,
+    as ViTForClassification returns them, so that evaluation code takes either.
+    """
+
+    def __init__(self, path: str | os.PathLike, expected: dict | None = None, threads: int | None = None):
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError:
+            raise VitcraftError("running an ONNX file needs onnxruntime: pip install onnxruntime") from None
+        path = Path(path)
+        if not path.is_file():
+            raise VitcraftError(f"ONNX file {path} does not exist")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types for a corrupt or foreign file
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise VitcraftError(f"{path} is not an ONNX model onnxruntime can run: {reason}") from None
+        inputs = [node.name for node in self.session.get_inputs()]
+        if inputs != ["pixel_values"]:
+            raise VitcraftError(f"{path} takes {inputs}, not the pixel_values vitcraft exports")
+        shape = self.session.get_inputs()[0].shape[1:]  # (C, H, W); the batch axis is free
+        if expected and shape != [expected["num_channels"], expected["image_size"], expected["image_size"]]:
+            raise VitcraftError(f"{path} takes images of shape {shape}, but the run's model "
+                                f"{[expected['num_channels'], expected['image_size'], expected['image_size']]}: "
+                                f"it was exported from another model")
+        self.path = path
+
+    def forward(self, pixel_values: torch.Tensor):
+        logits = self.session.run(["logits"], {"pixel_values": pixel_values.float().cpu().numpy()})[0]
+        return torch.from_numpy(logits).to(pixel_values.device), None
 
 
 def export_torchscript(model: ViTForClassification, path: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""A trained model applied to single images: what ``vitcraft predict`` and ``vitcraft serve`` share.
+"""A trained model applied to image files and uploads: what ``vitcraft predict`` and ``vitcraft serve`` share.
 
 :func:`load_predictor` reads a run directory (``model.json`` +
 ``model.safetensors``, as ``vitcraft train`` writes it) or a model folder
@@ -7,7 +7,8 @@ into a :class:`Predictor`, which turns image files or uploaded bytes into the
 model's input, top-k class probabilities and attention maps. Images are
 decoded and resized exactly as training decoded its folder datasets
 (:func:`vitcraft.data.read_image`), so a file gets the same answer from every
-front end.
+front end. :meth:`Predictor.predict_files` runs many files through the same
+read and top-k in batches, as ``vitcraft predict`` does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import io
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -71,6 +73,23 @@ def read_image_tensor(source: str | Path | bytes, metadata: dict, name: str | No
 def read_images(paths: list[str | Path], metadata: dict) -> torch.Tensor:
     """Image files -> uint8 (B, C, H, W) for the model of ``metadata`` (see :func:`read_image_tensor`)."""
     return torch.stack([read_image_tensor(path, metadata) for path in paths])
+
+
+def find_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The files that ``paths`` name: a file as it is, a folder as every file in its tree, in sorted order.
+
+    Nothing is opened, so non-image files are listed too. A path that does not
+    exist raises VitcraftError naming it.
+    """
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(item for item in path.rglob("*") if item.is_file()))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise VitcraftError(f"{path} does not exist; give image files or folders of them")
+    return files
 
 
 @dataclass
@@ -135,6 +154,38 @@ class Predictor:
         values, indices = self.probabilities(images).topk(k, dim=-1)  # (B, k) each
         return [[(self.class_names[i], p) for p, i in zip(row_p, row_i)]
                 for row_p, row_i in zip(values.tolist(), indices.tolist())]
+
+    def predict_files(self, paths: Iterable[str | Path], k: int = 5, batch_size: int = 64,
+                      on_skip: Callable[[Path, VitcraftError], None] | None = None,
+                      ) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
+        """Image files -> (path, :meth:`top_k` of its image) per readable file, in the order of ``paths``.
+
+        Files are read with :meth:`read` and predicted ``batch_size`` images at a
+        time, so only one batch of images is in memory. A file that cannot be
+        read as an image goes to ``on_skip(path, error)``, or raises its
+        VitcraftError if there is no ``on_skip``.
+        """
+        if batch_size < 1:
+            raise VitcraftError(f"the batch size must be at least 1, got {batch_size}")
+        batch: list[tuple[Path, torch.Tensor]] = []
+        for path in map(Path, paths):
+            try:
+                batch.append((path, self.read(path)))
+            except VitcraftError as error:
+                if on_skip is None:
+                    raise
+                on_skip(path, error)
+            if len(batch) == batch_size:
+                yield from self._predict_batch(batch, k)
+                batch = []
+        if batch:
+            yield from self._predict_batch(batch, k)
+
+    def _predict_batch(self, batch: list[tuple[Path, torch.Tensor]], k: int,
+                       ) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
+        """(path, uint8 image (C, H, W)) pairs -> (path, top-k) pairs."""
+        paths, images = zip(*batch)
+        yield from zip(paths, self.top_k(torch.stack(images), k))  # (B, C, H, W)
 
     def attention(self, images: torch.Tensor, method: str = "cls", layer: int = -1,
                   head: int | str = "mean") -> torch.Tensor | str:
