@@ -145,8 +145,11 @@ def quantize_onnx(fp32_path: str | os.PathLike, path: str | os.PathLike, method:
                         op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
                         activation_type=quantization.QuantType.QInt8, weight_type=quantization.QuantType.QInt8)
                 else:
+                    # only products with a weight: attention's two activation-by-activation products would
+                    # quantise both inputs at run time, costing more than their small int8 products save
                     quantization.quantize_dynamic(str(prepared), temp, op_types_to_quantize=QUANTIZED_OPS,
-                                                  weight_type=quantization.QuantType.QInt8)
+                                                  weight_type=quantization.QuantType.QInt8,
+                                                  extra_options={"MatMulConstBOnly": True})
         finally:
             prepared.unlink(missing_ok=True)
 
