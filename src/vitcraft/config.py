@@ -277,8 +277,9 @@ class DataConfig:
     Each field is a ``vitcraft train`` flag and a key of a --config file's data section.
     """
 
-    data: str = setting("cifar10", "a torchvision dataset name (cifar10, cifar100, mnist, fashion-mnist, svhn) "
-                                   "or an ImageFolder-layout folder with train/ and test/")
+    data: str = setting("cifar10", "a torchvision dataset name (cifar10, cifar100, mnist, fashion-mnist, svhn), "
+                                   "an ImageFolder-layout folder with train/ and test/, a Hugging Face dataset "
+                                   "hf:NAME[:CONFIG], or a folder written by DatasetDict.save_to_disk")
     data_root: str | None = setting(None, "where torchvision datasets are downloaded", metavar="DIR",
                                     none_means="the cache")
     image_size: int | None = setting(None, "resize every image to this square size", none_means="the data's own")

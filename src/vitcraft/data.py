@@ -6,8 +6,10 @@ vitcraft decodes a split once (cached on disk), keeps it as one uint8 tensor
 and augments whole batches with tensor operations (see ``augment.py``).
 
 Sources: a torchvision dataset name (``cifar10``, ``cifar100``, ``mnist``,
-``fashion-mnist``, ``svhn``) or a folder in ImageFolder layout with ``train/``
-and ``test/`` (or ``val/``) subfolders of one folder per class.
+``fashion-mnist``, ``svhn``), a folder in ImageFolder layout with ``train/``
+and ``test/`` (or ``val/``) subfolders of one folder per class, or a Hugging
+Face dataset: ``hf:NAME[:CONFIG]`` from the hub (through the datasets
+library's own cache) or a folder written by ``DatasetDict.save_to_disk``.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -110,8 +113,8 @@ def find_split_dirs(root: Path) -> tuple[Path, Path]:
     if not root.exists():
         raise VitcraftError(f"data folder {root} does not exist")
     if not root.is_dir():
-        raise VitcraftError(f"--data {root} is neither a folder nor a known dataset name "
-                            f"({', '.join(TORCHVISION_NAMES)})")
+        raise VitcraftError(f"--data {root} is neither a folder, a known dataset name "
+                            f"({', '.join(TORCHVISION_NAMES)}) nor hf:NAME")
     train = root / "train"
     test = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
     if not train.is_dir() or test is None:
@@ -155,17 +158,26 @@ def read_image(path: Path | str, mode: str, image_size: int | None, max_pixels: 
     with _decoding(path), Image.open(path) as image:
         if limit is not None and image.width * image.height > limit:
             raise ValueError(f"{image.width} x {image.height} pixels is more than the limit of {limit:,}")
-        if image.mode.startswith("I;16"):
-            image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
-        image = image.convert(mode)
-        if crop is not None:
-            (height, width), (top, left) = shorter_side_crop(image.height, image.width, image_size, crop)
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.BILINEAR)
-            image = image.crop((left, top, left + crop, top + crop))
-        elif image_size is not None and image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.BILINEAR)
-        array = np.array(image, dtype=np.uint8)  # a writable copy
+        return prepare_image(image, mode, image_size, crop=crop)
+
+
+def prepare_image(image: Image.Image, mode: str, image_size: int | None, *, crop: int | None = None) -> np.ndarray:
+    """An opened image as a (H, W, C) uint8 array in ``mode``, resized and cropped as ``read_image`` documents.
+
+    What ``read_image`` does after opening a file, and what a Hugging Face
+    dataset's images (already opened by the datasets library) go through.
+    """
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
+    image = image.convert(mode)
+    if crop is not None:
+        (height, width), (top, left) = shorter_side_crop(image.height, image.width, image_size, crop)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR)
+        image = image.crop((left, top, left + crop, top + crop))
+    elif image_size is not None and image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    array = np.array(image, dtype=np.uint8)  # a writable copy
     return array.reshape(array.shape[0], array.shape[1], -1)
 
 
@@ -189,8 +201,13 @@ def probe_folder(root: Path) -> tuple[str, int]:
     files, _ = _list_images(train)
     path = files[0][0]
     with _decoding(path), Image.open(path) as image:
-        mode = "L" if image.mode in ("L", "1", "I") or image.mode.startswith("I;16") else "RGB"
-        return mode, max(image.size)
+        return probe_image(image)
+
+
+def probe_image(image: Image.Image) -> tuple[str, int]:
+    """(mode, image_size) of a dataset whose first training image is ``image``: "L" or "RGB"; its largest side."""
+    mode = "L" if image.mode in ("L", "1", "I") or image.mode.startswith("I;16") else "RGB"
+    return mode, max(image.size)
 
 
 def crop_pct_geometry(image_size: int, crop_pct: float, split: str) -> tuple[int, int]:
@@ -205,15 +222,27 @@ def crop_pct_geometry(image_size: int, crop_pct: float, split: str) -> tuple[int
     return shorter_side, shorter_side if split == "train" else image_size
 
 
-def _decode_folder(split_dir: Path, mode: str, image_size: int, crop_pct: float | None = None,
-                   split: str = "train") -> ImageTensorDataset:
-    files, class_names = _list_images(split_dir)
+def _decode_images(count: int, decode_one: Callable[[int, int, int | None], np.ndarray], mode: str,
+                   image_size: int, crop_pct: float | None, split: str) -> torch.Tensor:
+    """(count, C, S, S) uint8: image i is ``decode_one(i, resize_to, crop)``, a (S, S, C) array.
+
+    S is image_size, or with ``crop_pct`` what ``crop_pct_geometry`` gives the
+    ``split`` ("train" or "test"); decode_one gets the arguments of ``prepare_image``.
+    """
     channels = 1 if mode == "L" else 3
     resize_to, crop = crop_pct_geometry(image_size, crop_pct, split) if crop_pct is not None else (image_size, None)
     size = crop or image_size
-    images = torch.empty(len(files), channels, size, size, dtype=torch.uint8)
-    for i, (path, _) in enumerate(files):
-        images[i] = torch.from_numpy(read_image(path, mode, resize_to, crop=crop)).permute(2, 0, 1)  # HWC -> CHW
+    images = torch.empty(count, channels, size, size, dtype=torch.uint8)
+    for i in range(count):
+        images[i] = torch.from_numpy(decode_one(i, resize_to, crop)).permute(2, 0, 1)  # HWC -> CHW
+    return images
+
+
+def _decode_folder(split_dir: Path, mode: str, image_size: int, crop_pct: float | None = None,
+                   split: str = "train") -> ImageTensorDataset:
+    files, class_names = _list_images(split_dir)
+    images = _decode_images(len(files), lambda i, size, crop: read_image(files[i][0], mode, size, crop=crop),
+                            mode, image_size, crop_pct, split)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageTensorDataset(images, labels, class_names)
 
@@ -234,36 +263,170 @@ def _folder_fingerprint(split_dir: Path, mode: str, image_size: int, crop_pct: f
 
 def _load_folder_cached(split_dir: Path, mode: str, image_size: int, cache_dir: Path | None,
                         crop_pct: float | None = None, split: str = "train") -> ImageTensorDataset:
-    if cache_dir is None:
-        return _decode_folder(split_dir, mode, image_size, crop_pct, split)
-    key = _folder_fingerprint(split_dir, mode, image_size, crop_pct, split)
-    cache_file = cache_dir / f"{split_dir.parent.name}-{split_dir.name}-{key}.safetensors"
+    cache_file = None
+    if cache_dir is not None:
+        key = _folder_fingerprint(split_dir, mode, image_size, crop_pct, split)
+        cache_file = cache_dir / f"{split_dir.parent.name}-{split_dir.name}-{key}.safetensors"
+    return _cached(cache_file, lambda: _decode_folder(split_dir, mode, image_size, crop_pct, split))
+
+
+def _cached(cache_file: Path | None, decode: Callable[[], ImageTensorDataset]) -> ImageTensorDataset:
+    """What ``decode()`` returns, read from ``cache_file`` if an earlier call saved it there (None: no cache)."""
+    if cache_file is None:
+        return decode()
     if cache_file.exists():
         try:
             tensors, metadata = load_tensors(cache_file)
             return ImageTensorDataset(tensors["images"], tensors["labels"], json.loads(metadata["class_names"]))
         except (VitcraftError, KeyError, json.JSONDecodeError):
             pass  # a damaged cache is rebuilt, never trusted
-    dataset = _decode_folder(split_dir, mode, image_size, crop_pct, split)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    dataset = decode()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
     save_tensors_atomic(cache_file, {"images": dataset.images, "labels": dataset.labels},
                         {"class_names": json.dumps(dataset.class_names)})
     return dataset
+
+
+# ------------------------------------------------------ Hugging Face datasets
+HUB_PREFIX = "hf:"
+DATASET_DICT_FILE = "dataset_dict.json"  # what DatasetDict.save_to_disk writes at the top of its folder
+TEST_SPLITS = ("test", "validation")  # the first one present is the test split
+
+
+def is_saved_dataset_dict(path: Path) -> bool:
+    """Whether ``path`` is a folder written by the datasets library's ``DatasetDict.save_to_disk``."""
+    return (path / DATASET_DICT_FILE).is_file()
+
+
+def _import_datasets(data: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise VitcraftError(f"--data {data} needs the datasets package: pip install 'vitcraft[datasets]'") from None
+    return datasets
+
+
+def _open_hf(data: str) -> tuple[Any, str, str]:
+    """(DatasetDict, source, cache name) of ``hf:NAME[:CONFIG]`` or a save_to_disk folder.
+
+    ``source`` identifies the data in cache fingerprints; ``cache name`` starts its cache files' names.
+    """
+    datasets = _import_datasets(data)
+    if data.startswith(HUB_PREFIX):
+        name, _, config = data[len(HUB_PREFIX):].partition(":")
+        if not name:
+            raise VitcraftError(f"--data {data} names no dataset: use hf:NAME or hf:NAME:CONFIG")
+        try:
+            splits = datasets.load_dataset(name, config or None)
+        except Exception as error:  # offline ConnectionError, DatasetNotFoundError, ValueError for a config...
+            detail = " ".join(f"{type(error).__name__}: {error}".split())  # one line, as the CLI prints it
+            raise VitcraftError(
+                f"could not load the Hugging Face dataset {name}{f' (config {config})' if config else ''} "
+                f"({detail}). The datasets library downloads it into its cache (HF_HOME) on first use: run "
+                f"once with internet and without HF_DATASETS_OFFLINE=1, or save it elsewhere with "
+                f"DatasetDict.save_to_disk(DIR) and pass --data DIR") from None
+        return splits, data, f"hf-{name}-{config}" if config else f"hf-{name}"
+    root = Path(data).expanduser()
+    try:
+        splits = datasets.load_from_disk(str(root))
+    except Exception as error:  # a damaged or partly copied folder: FileNotFoundError, JSON or arrow errors
+        raise VitcraftError(f"could not read the saved dataset {root} ({type(error).__name__}: {error})") from None
+    return splits, str(root.resolve()), root.name
+
+
+def _hf_columns(features: Any, where: str) -> tuple[str, str]:
+    """The (image, label) column names of a split with these features: its one Image and its one ClassLabel column."""
+    import datasets
+
+    columns = []
+    for kind, role in ((datasets.Image, "the images"), (datasets.ClassLabel, "the labels")):
+        names = [name for name, feature in features.items() if isinstance(feature, kind)]
+        if len(names) != 1:
+            found = ", ".join(f"{name} ({type(feature).__name__})" for name, feature in features.items())
+            raise VitcraftError(f"{where} must have exactly one datasets.{kind.__name__} column for {role}, "
+                                f"it has {len(names) or 'none'}; its columns: {found or 'none'}")
+        columns.append(names[0])
+    return columns[0], columns[1]
+
+
+def _hf_fingerprint(source: str, split_name: str, split: Any, mode: str, image_size: int,
+                    crop_pct: float | None) -> str:
+    """Changes when the datasets library's fingerprint of the split changes, or the images are prepared otherwise."""
+    key = json.dumps([source, split_name, split._fingerprint, mode, image_size, crop_pct, "v1"])
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _decode_hf_split(split: Any, image_column: str, label_column: str, where: str, mode: str, image_size: int,
+                     crop_pct: float | None, role: str) -> ImageTensorDataset:
+    class_names = list(split.features[label_column].names)
+    labels = torch.tensor(list(split[label_column]), dtype=torch.int64)
+    outside = labels[(labels < 0) | (labels >= len(class_names))]
+    if len(outside):
+        raise VitcraftError(f"{where} has {len(outside)} labels outside 0..{len(class_names) - 1}, such as "
+                            f"{int(outside[0])} (-1 marks an unlabelled image); train and test need labelled images")
+    images = split.select_columns([image_column])  # rows read only the image column
+
+    def decode_one(i: int, size: int, crop: int | None) -> np.ndarray:
+        with _decoding(f"{i} of {where}"):
+            return prepare_image(images[i][image_column], mode, size, crop=crop)
+
+    return ImageTensorDataset(_decode_images(len(split), decode_one, mode, image_size, crop_pct, role),
+                              labels, class_names)
+
+
+def _load_hf(data: str, image_size: int | None, cache_dir: Path | None,
+             crop_pct: float | None) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    """(train, test) of ``hf:NAME[:CONFIG]`` or a save_to_disk folder, decoded as folders are and cached alike."""
+    splits, source, cache_name = _open_hf(data)
+    test_name = next((name for name in TEST_SPLITS if name in splits), None)
+    if "train" not in splits or test_name is None:
+        raise VitcraftError(f"{data} must have a train split and a test (or validation) split; "
+                            f"found: {', '.join(splits) or 'none'}")
+    wheres = {name: f"the {name} split of {data}" for name in ("train", test_name)}
+    columns = {name: _hf_columns(splits[name].features, where) for name, where in wheres.items()}
+    empty = [where for name, where in wheres.items() if len(splits[name]) == 0]
+    if empty:
+        raise VitcraftError(f"{empty[0]} is empty")
+    train_classes, test_classes = (splits[name].features[columns[name][1]].names for name in ("train", test_name))
+    if test_classes != train_classes:
+        raise VitcraftError(f"{wheres[test_name]} and {wheres['train']} have different class names: "
+                            f"{test_classes} vs {train_classes}")
+    with _decoding(f"0 of {wheres['train']}"):
+        mode, probed_size = probe_image(splits["train"][0][columns["train"][0]])
+    size = image_size or probed_size
+    prefix = re.sub(r"[^\w.-]+", "-", cache_name)  # a hub name's "/" and a config's odd characters
+
+    def load(name: str, role: str) -> ImageTensorDataset:
+        cache_file = None
+        if cache_dir is not None:
+            key = _hf_fingerprint(source, name, splits[name], mode, size, crop_pct)
+            cache_file = cache_dir / f"{prefix}-{name}-{key}.safetensors"
+        return _cached(cache_file, lambda: _decode_hf_split(splits[name], *columns[name], wheres[name], mode, size,
+                                                            crop_pct, role))
+
+    return load("train", "train"), load(test_name, "test")
 
 
 # -------------------------------------------------------------------- public
 def load_splits(data: str, data_root: Path | None = None, image_size: int | None = None,
                 cache_dir: Path | None = None, *,
                 crop_pct: float | None = None) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-    """(train, test) splits of a torchvision dataset name or an ImageFolder-layout folder.
+    """(train, test) splits of a torchvision dataset name, an ImageFolder-layout folder or a Hugging Face dataset.
+
+    Hugging Face: ``hf:NAME[:CONFIG]`` (``datasets.load_dataset``) or a folder
+    holding ``dataset_dict.json`` (``datasets.load_from_disk``); its one
+    ``Image`` column holds the images, its one ``ClassLabel`` column the labels
+    and class names, and its "train" and "test" (else "validation") splits are used.
 
     ``image_size`` resizes every image to that square size (default: the data's own size).
     With ``crop_pct`` (timm's, in (0, 1]) nothing is squashed: image_size is the
     test split's size and each image's shorter side is resized to image_size /
     crop_pct first (see ``crop_pct_geometry``), the training split keeping the
-    larger centre square. Folder datasets are decoded once and cached as uint8 in ``cache_dir``.
+    larger centre square. Folder and Hugging Face datasets are decoded once and cached as uint8 in ``cache_dir``.
     """
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    if data.startswith(HUB_PREFIX) or is_saved_dataset_dict(Path(data).expanduser()):
+        return _load_hf(data, image_size, cache_dir, crop_pct)
     name = data.lower()
     if name in TORCHVISION_NAMES and not Path(data).is_dir():
         root = data_root or cache_dir / "datasets"

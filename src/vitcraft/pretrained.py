@@ -179,8 +179,10 @@ def model_for_data(pretrained: Pretrained, class_names: list[str], image_size: i
 def source_normalization(pretrained: Pretrained, channels: int) -> tuple[list[float], list[float]] | None:
     """The source's (mean, std) for ``channels`` channels, or None if it records none.
 
-    Grayscale data meeting an RGB source gets the mean of the source's values: with
-    the filters summed, that is the source's normalisation of a gray image.
+    Grayscale data meeting an RGB source gets the mean of the source's values. With the
+    filters summed this reproduces the source on the gray image exactly when its channels
+    share one mean and std (as the 0.5 of the tutorial and many ViTs), and nearly for
+    ImageNet's, whose channels differ by a few percent.
     """
     mean, std = pretrained.metadata.get("mean"), pretrained.metadata.get("std")
     if not mean or not std:
