@@ -103,7 +103,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
     repo_id = str(source).removeprefix("hf-hub:")
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.utils import HfHubHTTPError  # where every version since 0.23 has it
     except ImportError:
         raise VitcraftError(f"{source} is not a local folder; to fetch it from the Hugging Face hub, "
                             f"pip install huggingface_hub") from None
