@@ -36,6 +36,56 @@ def test_folder_cache_is_used_and_invalidated(tmp_path):
     assert len(train) == 10 and len(sorted(cache.glob("*.safetensors"))) == 3
 
 
+MEMORY_SCRIPT = """
+import sys
+from pathlib import Path
+from vitcraft.data import iterate_batches, load_splits
+import torch
+
+def anonymous_kb():  # the process's own memory; a memory-mapped file's pages are the page cache's
+    return int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon")).split()[1])
+
+before = anonymous_kb()
+train, _ = load_splits(sys.argv[1], cache_dir=Path(sys.argv[2]))
+total = 0
+for images, labels in iterate_batches(train, torch.arange(len(train)), 64):
+    total += int(images[:, 0, 0, 0].sum())  # touch every batch
+print(anonymous_kb() - before, train.images.numel() // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_a_cached_split_is_memory_mapped_not_held_in_the_process(tmp_path):
+    import subprocess
+    import sys
+
+    # 3,600 images: 43 MB decoded, well above what loading and batching themselves allocate
+    root = write_folder_dataset(tmp_path / "big", per_class=(1200, 1), size=64)
+    cache = tmp_path / "cache"
+    load_splits(str(root), cache_dir=cache)  # builds the cache
+    assert len(sorted(cache.glob("*.npy"))) == 2 and len(sorted(cache.glob("*.safetensors"))) == 2
+    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(root), str(cache)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    grown_kb, dataset_kb = map(int, done.stdout.split())
+    assert grown_kb < dataset_kb / 4, (grown_kb, dataset_kb)  # batches come and go; the split stays on disk
+
+
+def test_a_cache_left_half_built_is_built_again(tmp_path):
+    root = write_folder_dataset(tmp_path / "d", per_class=(3, 2))
+    cache = tmp_path / "cache"
+    expected, _ = load_splits(str(root), cache_dir=cache)
+    labels_files = sorted(cache.glob("*.safetensors"))
+    for path in labels_files:  # a kill after the images were written, before the labels were
+        path.unlink()
+    images_file = sorted(cache.glob("*.npy"))[0]
+    images_file.write_bytes(images_file.read_bytes()[:100])  # and one images file cut short
+    train, _ = load_splits(str(root), cache_dir=cache)
+    assert torch.equal(train.images, expected.images) and torch.equal(train.labels, expected.labels)
+    again, _ = load_splits(str(root), cache_dir=cache)  # now from the rebuilt cache
+    assert torch.equal(again.images, expected.images)
+
+
 def test_grayscale_folder_gives_one_channel_and_resize(tmp_path):
     root = write_folder_dataset(tmp_path / "g", per_class=(2, 1), size=28, mode="L")
     train, test = load_splits(str(root), cache_dir=tmp_path / "c")

@@ -1,9 +1,10 @@
-"""Datasets held in memory as uint8 tensors, and batches drawn from them.
+"""Datasets as uint8 tensors, and batches drawn from them.
 
 The tutorial decodes and transforms every image one by one in DataLoader
-workers, every epoch. Small image datasets fit in memory many times over, so
-vitcraft decodes a split once (cached on disk), keeps it as one uint8 tensor
-and augments whole batches with tensor operations (see ``augment.py``).
+workers, every epoch. vitcraft decodes a split once into a cache on disk,
+reads it back as one memory-mapped uint8 tensor (batches come from the page
+cache by index) and augments whole batches with tensor operations (see
+``augment.py``). torchvision's datasets arrive as tensors and stay in memory.
 
 Sources: a torchvision dataset name (``cifar10``, ``cifar100``, ``mnist``,
 ``fashion-mnist``, ``svhn``), a folder in ImageFolder layout with ``train/``
@@ -30,8 +31,8 @@ from PIL import Image
 
 from vitcraft.augment import shorter_side_crop
 from vitcraft.errors import VitcraftError
+from vitcraft.files import atomic_write, load_tensors, save_tensors_atomic
 from vitcraft.files import cache_dir as default_cache_dir
-from vitcraft.files import load_tensors, save_tensors_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DOWNLOAD_TIMEOUT_SECONDS = 30
@@ -271,19 +272,36 @@ def _load_folder_cached(split_dir: Path, mode: str, image_size: int, cache_dir: 
 
 
 def _cached(cache_file: Path | None, decode: Callable[[], ImageTensorDataset]) -> ImageTensorDataset:
-    """What ``decode()`` returns, read from ``cache_file`` if an earlier call saved it there (None: no cache)."""
+    """What ``decode()`` returns, read from ``cache_file`` if an earlier call saved it there (None: no cache).
+
+    The images are kept in a .npy file beside it (``cache_file`` with the suffix
+    .npy) and memory-mapped when read back: batches are read from the page cache
+    by index, so a large set does not fill the process's own memory, and every
+    process (each torchrun rank) shares the same pages. ``cache_file`` holds the
+    labels and class names and is written last, so a cache whose build was
+    killed half-way has none and is built again.
+    """
     if cache_file is None:
         return decode()
-    if cache_file.exists():
+    images_file = cache_file.with_suffix(".npy")
+    if cache_file.exists() and images_file.exists():
         try:
             tensors, metadata = load_tensors(cache_file)
-            return ImageTensorDataset(tensors["images"], tensors["labels"], json.loads(metadata["class_names"]))
-        except (VitcraftError, KeyError, json.JSONDecodeError):
+            # copy-on-write: writable for torch (no warning), the file's pages shared until written
+            images = torch.from_numpy(np.load(images_file, mmap_mode="c"))
+            if images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(tensors["labels"]):
+                return ImageTensorDataset(images, tensors["labels"], json.loads(metadata["class_names"]))
+        except (VitcraftError, KeyError, ValueError, OSError, json.JSONDecodeError):
             pass  # a damaged cache is rebuilt, never trusted
     dataset = decode()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors_atomic(cache_file, {"images": dataset.images, "labels": dataset.labels},
-                        {"class_names": json.dumps(dataset.class_names)})
+
+    def write_images(temp: str) -> None:
+        with open(temp, "wb") as file:  # a file object: np.save would add .npy to a path
+            np.save(file, dataset.images.numpy())
+
+    atomic_write(images_file, write_images)
+    save_tensors_atomic(cache_file, {"labels": dataset.labels}, {"class_names": json.dumps(dataset.class_names)})
     return dataset
 
 
