@@ -116,3 +116,46 @@ def test_rank_zero_refusal_stops_every_rank(reference, data, tmp_path):
         log = (tmp_path / f"rank{rank}.txt").read_text()
         assert status == 2, log[-3000:]
         assert "already holds a run" in log and "Traceback" not in log
+
+
+def _local_main_first_worker(rank: int, port: int, folder: str) -> None:
+    """One of two gloo ranks on this machine: record when its action starts and ends."""
+    import time as clock
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from vitcraft.errors import VitcraftError
+    from vitcraft.train import Distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ddp = Distributed(rank=rank, world_size=2, local_rank=rank, local_world_size=2)
+
+    def action() -> int:
+        start = clock.time()
+        clock.sleep(0.5)
+        Path(folder, f"rank{rank}").write_text(f"{start} {clock.time()}")
+        return rank
+
+    assert ddp.local_main_first(action) == rank
+
+    def failing() -> None:
+        raise VitcraftError(f"no data on rank {rank}")
+
+    try:
+        ddp.local_main_first(failing)
+    except VitcraftError as error:  # rank 0's failure, raised on both ranks
+        Path(folder, f"error{rank}").write_text(str(error))
+    dist.destroy_process_group()
+
+
+def test_local_rank_zero_goes_first_and_its_error_reaches_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_local_main_first_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    (start0, end0), (start1, _) = [map(float, (tmp_path / f"rank{r}").read_text().split()) for r in (0, 1)]
+    assert end0 <= start1  # rank 1 began only after rank 0 had finished (it would build the cache)
+    assert [(tmp_path / f"error{r}").read_text() for r in (0, 1)] == ["no data on rank 0"] * 2

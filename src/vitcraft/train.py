@@ -252,6 +252,28 @@ class Distributed:
         if message is not None:
             raise VitcraftError(message)
 
+    def local_main_first(self, action: Callable[[], Any]) -> Any:
+        """``action()`` on every rank, local rank 0 of each machine first and the others after it.
+
+        For the decode cache: one rank per machine builds it while the others
+        wait, then they read what it wrote. A VitcraftError on a local rank 0 is
+        raised on every rank, as in ``run_on_main``.
+        """
+        if self.world_size == 1:
+            return action()
+        result, message = None, None
+        if self.local_rank == 0:
+            try:
+                result = action()
+            except VitcraftError as error:
+                message = str(error)
+        messages: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(messages, message)  # also what the other ranks wait at
+        failed = next((text for text in messages if text is not None), None)
+        if failed is not None:
+            raise VitcraftError(failed)
+        return result if self.local_rank == 0 else action()
+
 
 def _setup_distributed(train: TrainConfig) -> tuple[Distributed, torch.device]:
     ddp = Distributed.from_environment()
@@ -392,8 +414,9 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
     image_size = run.data.image_size or (source.config.image_size if source else None)
     crop_pct = run.data.crop_pct or (source.metadata.get("crop_pct") if source else None)  # evaluation's crop
     cache_dir = Path(run.data.cache_dir) if run.data.cache_dir else None
-    train_set, test_set = load_splits(run.data.data, Path(run.data.data_root) if run.data.data_root else None,
-                                      image_size, cache_dir, crop_pct=crop_pct)
+    train_set, test_set = ddp.local_main_first(lambda: load_splits(
+        run.data.data, Path(run.data.data_root) if run.data.data_root else None, image_size, cache_dir,
+        crop_pct=crop_pct))  # one decode per machine: the other ranks read its cache
     normalization = normalization_for(run, train_set.num_channels, source)
     if device.type != "cpu":  # keep the uint8 data on the accelerator: no copies per batch
         train_set, test_set = train_set.to(device), test_set.to(device)
