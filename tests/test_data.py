@@ -215,3 +215,18 @@ def iterate_batches_indices(order, batch_size):
     fake = data_module.ImageTensorDataset(torch.zeros(10, 1, 1, 1, dtype=torch.uint8), torch.arange(10), ["x"])
     for _, labels in iterate_batches(fake, order, batch_size):
         yield labels.tolist()
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    """A photo saved sideways with an EXIF orientation tag (6: turn 90 degrees clockwise) decodes upright."""
+    pixels = np.zeros((4, 8, 3), dtype=np.uint8)  # 4 rows, 8 columns as stored
+    pixels[:, :2] = 255  # a white band at the left edge of the stored image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
+    array = read_image(tmp_path / "turned.png", "RGB", None)
+    assert array.shape == (8, 4, 3)  # upright: 8 rows, 4 columns
+    expected = np.asarray(Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_270))
+    assert np.array_equal(array, expected) and array[:2].min() == 255  # the band now runs along the top
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    assert read_image(tmp_path / "plain.png", "RGB", None).shape == (4, 8, 3)  # no tag: as stored

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vitcraft.augment import shorter_side_crop
 from vitcraft.errors import VitcraftError
@@ -162,12 +162,25 @@ def read_image(path: Path | str, mode: str, image_size: int | None, max_pixels: 
         return prepare_image(image, mode, image_size, crop=crop)
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the camera was turned; 1: upright
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation (1 when it has none, or EXIF data Pillow cannot parse, as viewers treat it)."""
+    try:
+        return int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # malformed EXIF blocks raise assorted errors inside Pillow
+        return 1
+
+
 def prepare_image(image: Image.Image, mode: str, image_size: int | None, *, crop: int | None = None) -> np.ndarray:
     """An opened image as a (H, W, C) uint8 array in ``mode``, resized and cropped as ``read_image`` documents.
 
     What ``read_image`` does after opening a file, and what a Hugging Face
     dataset's images (already opened by the datasets library) go through.
     """
+    if _exif_orientation(image) != 1:  # a phone's photo as it was held (exif_transpose copies every image)
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):
         image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
     image = image.convert(mode)
@@ -251,7 +264,7 @@ def _decode_folder(split_dir: Path, mode: str, image_size: int, crop_pct: float 
 def _folder_fingerprint(split_dir: Path, mode: str, image_size: int, crop_pct: float | None = None,
                         split: str = "train") -> str:
     """Changes when any file is added, removed, resized or touched, or the images are prepared otherwise."""
-    key = f"{split_dir.resolve()}|{mode}|{image_size}|v1"
+    key = f"{split_dir.resolve()}|{mode}|{image_size}|v2"  # v2: EXIF orientation applied
     if crop_pct is not None:  # appended only with a crop_pct, so the caches made without one stay valid
         key += f"|crop_pct={crop_pct!r}|{split}"
     digest = hashlib.sha1(key.encode())
@@ -370,7 +383,7 @@ def _hf_columns(features: Any, where: str) -> tuple[str, str]:
 def _hf_fingerprint(source: str, split_name: str, split: Any, mode: str, image_size: int,
                     crop_pct: float | None) -> str:
     """Changes when the datasets library's fingerprint of the split changes, or the images are prepared otherwise."""
-    key = json.dumps([source, split_name, split._fingerprint, mode, image_size, crop_pct, "v1"])
+    key = json.dumps([source, split_name, split._fingerprint, mode, image_size, crop_pct, "v2"])
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
