@@ -31,7 +31,7 @@ from machine import describe  # noqa: E402
 
 from vitcraft import create_model  # noqa: E402
 from vitcraft.device import autocast, autocast_dtype  # noqa: E402
-from vitcraft.export import OnnxModel, export_onnx, quantize_onnx  # noqa: E402
+from vitcraft.export import OnnxModel, calibration_images, export_onnx, quantize_onnx  # noqa: E402
 from vitcraft.files import save_tensors_atomic  # noqa: E402
 from vitcraft.interop import to_timm_kwargs, to_timm_state_dict  # noqa: E402
 from vitcraft.runs import load_trained_model  # noqa: E402
@@ -142,8 +142,7 @@ def main() -> None:
     train, test = load_splits(data.data, Path(data.data_root) if data.data_root else None,
                               metadata["model_config"]["image_size"],
                               Path(data.cache_dir) if data.cache_dir else None, crop_pct=metadata.get("crop_pct"))
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.calibration_images]
-    calibration = normalize(train.images[order].float() / 255)  # as `vitcraft export --quantize int8` calibrates
+    calibration = calibration_images(train.images, normalize, args.calibration_images)  # as `vitcraft export` does
     measure(f"{metadata['preset']} from {args.run_dir} ({len(test)} test images)", model, normalize, calibration,
             (test.images, test.labels), args.rounds, args.latency_calls)
     if not args.skip_224:

@@ -72,8 +72,9 @@ def training_flops_per_image(model: torch.nn.Module, images: torch.Tensor) -> fl
 
 def describe() -> str:
     """The lines every benchmark prints before its figures."""
-    lines = [f"CPU: {cpu_class()}; {torch.get_num_threads()} threads; torch {torch.__version__}",
+    cpu = cpu_class()
+    lines = [f"CPU: {cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}",
              f"measured GEMM peak (2048 x 2048): fp32 {gemm_peak():.0f} GFLOP/s"]
-    if "bf16 units: yes" in cpu_class():
+    if "bf16 units: yes" in cpu:
         lines[-1] += f", bf16 {gemm_peak(torch.bfloat16):.0f} GFLOP/s"
     return "\n".join(lines)

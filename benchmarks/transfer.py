@@ -62,13 +62,14 @@ def run(words: list[str], out: Path) -> dict:
 def step_speed(freeze: bool, precision: str = "auto", batch: int = 32, steps: int = 5) -> float:
     """Images per second of fine-tuning steps of vit-tiny-p16-224 at 224 px (10 classes), all weights or the head."""
     from vitcraft import create_model
+    from vitcraft.config import TrainConfig
     from vitcraft.device import autocast, autocast_dtype
+    from vitcraft.train import build_optimizer, freeze_backbone
 
     model = create_model("vit-tiny-p16-224", num_classes=10).train()
     if freeze:
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith("classifier."))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        freeze_backbone(model)  # as --freeze backbone does
+    optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-4))
     device, images, labels = torch.device("cpu"), torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
     dtype = autocast_dtype(device, precision)
     for step in range(steps + 1):  # the first step warms up

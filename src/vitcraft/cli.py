@@ -504,13 +504,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     if not args.quantize:
         print(f"wrote {export.export_onnx(model, out)}")
         return
-    import torch
-
     calibration = None
-    if args.int8_method == "static":  # the first N training images of a fixed shuffle, as the model sees them
+    if args.int8_method == "static":
         train_set = _run_splits(Path(args.run_dir), args, metadata)[0]
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:args.calibration_images]
-        calibration = normalization(train_set.images[order].float() / 255)
+        calibration = export.calibration_images(train_set.images, normalization, args.calibration_images)
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export.export_onnx(model, Path(folder) / "model.onnx")
         written = export.quantize_onnx(fp32, out, args.int8_method, calibration)

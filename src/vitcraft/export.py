@@ -108,6 +108,13 @@ def _quiet_onnxruntime() -> Iterator[None]:
         root.setLevel(level)
 
 
+def calibration_images(images: torch.Tensor, normalization, count: int) -> torch.Tensor:
+    """What static int8 calibrates on: the first ``count`` of uint8 ``images`` (N, C, H, W) in a fixed shuffle,
+    as floats normalised by ``normalization``, as the model sees them. Out: (count, C, H, W) float32."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
+    return normalization(images[order].float() / 255)
+
+
 def quantize_onnx(fp32_path: str | os.PathLike, path: str | os.PathLike, method: str = "dynamic",
                   calibration: torch.Tensor | None = None, batch_size: int = 32) -> Path:
     """Write the int8 quantisation of the ONNX file ``fp32_path`` to ``path``; returns the path.

@@ -38,7 +38,7 @@ from vitcraft.files import load_tensors
 from vitcraft.registry import create_model as create_preset
 from vitcraft.registry import get_preset
 from vitcraft.resize import resample_position_embeddings
-from vitcraft.runs import MODEL_FILE, MODEL_META_FILE, read_model_metadata
+from vitcraft.runs import MODEL_FILE, MODEL_META_FILE, read_model_config
 from vitcraft.state_dict import load_state_listed
 
 HEAD_PREFIXES = ("classifier.", "distillation_classifier.")  # what the data's classes decide
@@ -105,12 +105,7 @@ def read_source(source: str | Path) -> Pretrained:
     """
     folder = hub.resolve_source(source)
     if (folder / MODEL_META_FILE).is_file():  # a vitcraft run directory, of any model
-        metadata = read_model_metadata(folder)
-        preset = get_preset(metadata.get("preset", VIT_PRESET))
-        try:
-            config = preset.config_class.from_dict(metadata["model_config"])
-        except (KeyError, ValueError) as error:
-            raise VitcraftError(f"{folder / MODEL_META_FILE} holds no valid model_config: {error}") from None
+        preset, config, metadata = read_model_config(folder)
         weights = folder / MODEL_FILE
         state, _ = load_tensors(weights)
         return Pretrained(str(source), weights, config, preset.name, state, metadata)

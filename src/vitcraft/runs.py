@@ -215,18 +215,23 @@ def load_model_weights(run_dir: Path, model: nn.Module) -> None:
     load_state_checked(model, state, Path(run_dir) / MODEL_FILE)
 
 
+def read_model_config(run_dir: Path | str):
+    """(preset, model config, metadata) of a run directory's model.json: what builds its model."""
+    run_dir = Path(run_dir)
+    metadata = read_model_metadata(run_dir)
+    preset = get_preset(metadata.get("preset", "seed-tiny"))
+    try:
+        return preset, preset.config_class.from_dict(metadata["model_config"]), metadata
+    except (KeyError, ValueError) as error:
+        raise VitcraftError(f"{run_dir / MODEL_META_FILE} holds no valid model_config: {error}") from None
+
+
 def load_trained_model(run_dir: Path | str, device: torch.device | str = "cpu"):
     """(model in eval mode, metadata) of a run directory's model.safetensors + model.json.
 
     The metadata holds model_config, class_names, mean and std.
     """
-    run_dir = Path(run_dir)
-    metadata = read_model_metadata(run_dir)
-    preset = get_preset(metadata.get("preset", "seed-tiny"))
-    try:
-        config = preset.config_class.from_dict(metadata["model_config"])
-    except (KeyError, ValueError) as error:
-        raise VitcraftError(f"{run_dir / MODEL_META_FILE} holds no valid model_config: {error}") from None
+    preset, config, metadata = read_model_config(run_dir)
     model = preset.builder(config)
     load_model_weights(run_dir, model)
     return model.to(device).eval(), metadata

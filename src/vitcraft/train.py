@@ -427,7 +427,7 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
         distiller = Distiller(teacher, cfg.distillation, cfg.distill_alpha, cfg.distill_tau, cfg.label_smoothing)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    init_report = None
+    init_report, preset = None, source.preset if source else run.preset  # with --init, the source's model class
     if source is not None:
         overrides = {**run.model, **drop_path_override(cfg, type(source.config), source.preset)}
         model, init_report = model_for_data(source, train_set.class_names, test_set.image_size,
@@ -436,11 +436,11 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
         model = model.to(device)
     else:
         model_config = resolve_model_config(run, train_set, image_size=test_set.image_size)
-        model = get_preset(run.preset).builder(model_config).to(device)
+        model = get_preset(preset).builder(model_config).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     if cfg.progressive_sizes:
-        allow_image_sizes(model, cfg.progressive_sizes, run.preset)
+        allow_image_sizes(model, cfg.progressive_sizes, preset)
     num_parameters = count_parameters(model)  # all of them: before freezing, which leaves the head's trainable
     if cfg.freeze == "backbone":  # before the optimizer, which leaves frozen weights out
         freeze_backbone(model)
@@ -457,7 +457,7 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     metadata = {
-        "model_config": model_config.to_dict(), "preset": source.preset if source else run.preset,
+        "model_config": model_config.to_dict(), "preset": preset,
         "class_names": train_set.class_names, "mean": list(normalization.mean), "std": list(normalization.std),
         **({"crop_pct": crop_pct} if crop_pct else {}),
         "num_parameters": num_parameters,
