@@ -219,6 +219,11 @@ def _timm_overrides(config: Mapping[str, Any], path: Path, overrides: Mapping[st
     return {**values, **overrides}
 
 
+def model_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A vitcraft folder's config.json without what is not a model config field (model_type, metadata)."""
+    return {key: value for key, value in config.items() if key not in ("model_type", METADATA_KEY)}
+
+
 def read_pretrained(source: str | os.PathLike,
                     **config_overrides: Any) -> tuple[ViTConfig, dict[str, torch.Tensor], str]:
     """(config, state dict in vitcraft's keys, weights path) of a model source: a vitcraft folder or run
@@ -237,7 +242,7 @@ def read_pretrained(source: str | os.PathLike,
     if kind in ("vitcraft", "old-run"):
         if kind == "old-run":  # its model config is in model.json, beside the run's recipe in config.json
             config = read_json(directory / OLD_RUN_MODEL_FILE).get("model_config") or {}
-        values = {key: value for key, value in config.items() if key not in ("model_type", METADATA_KEY)}
+        values = model_fields(config)
         try:
             return ViTConfig.from_dict({**values, **config_overrides}), state, str(weights_path)
         except ValueError as err:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from vitcraft.hub import CONFIG_NAME, METADATA_KEY
+from vitcraft.hub import CONFIG_NAME, METADATA_KEY, model_fields
 from vitcraft.model import ViTForClassification, count_parameters
 from vitcraft.runs import METRICS_FILE, RUN_CONFIG_FILE, run_config_path
 
@@ -132,8 +132,7 @@ def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
         config = json.loads(config_path.read_text())
     elif (run_dir / CONFIG_NAME).is_file():  # a model folder (save_pretrained): its model config and metadata
         config = json.loads((run_dir / CONFIG_NAME).read_text())
-        config = {"model": {k: v for k, v in config.items() if k not in ("model_type", METADATA_KEY)},
-                  **config.get(METADATA_KEY, {})}
+        config = {"model": model_fields(config), **config.get(METADATA_KEY, {})}
     else:
         raise FileNotFoundError(f"{RUN_CONFIG_FILE} not found: {run_dir / RUN_CONFIG_FILE}")
     metrics = read_metrics(run_dir / METRICS_FILE)
