@@ -75,3 +75,38 @@ def test_batch_augment_is_reproducible_and_keeps_shape():
     assert a.min() >= -1 and a.max() <= 1
     plain = BatchAugment(Normalization(), flip_p=0.0, crop_scale=None)
     torch.testing.assert_close(plain(images), Normalization()(images))
+
+
+def test_the_flip_folded_into_the_crop_grid_equals_flipping_first():
+    """BatchAugment mirrors the sampling grid instead of the images; the result is flip, then crop, then resize."""
+    images = torch.randint(0, 256, (16, 3, 20, 24), dtype=torch.uint8)
+    normalization = Normalization((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    augment = BatchAugment(normalization, crop_scale=(0.3, 1.0), output_size=16)
+    out = augment(images, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)  # the same draws, in the same order: flips, then boxes
+    flipped = random_horizontal_flip(images.float() / 255, 0.5, generator)
+    boxes = sample_crop_boxes(16, 20, 24, (0.3, 1.0), (3 / 4, 4 / 3), generator)
+    reference = normalization(resized_crop(flipped, boxes, (16, 16)))
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
+    assert not torch.allclose(out, normalization(resized_crop(images.float() / 255, boxes, (16, 16))), atol=1e-2)
+
+
+def test_large_uint8_images_take_the_per_image_path_and_agree_with_the_grid():
+    """From LARGE_IMAGE_PIXELS up, crops are resized as uint8 one by one; they sample the grid's points."""
+    from vitcraft.augment import LARGE_IMAGE_PIXELS, resized_crop_normalised
+
+    side = int(LARGE_IMAGE_PIXELS ** 0.5) + 4
+    smooth = torch.nn.functional.interpolate(torch.rand(6, 3, 12, 12) * 255, size=(side, side), mode="bilinear")
+    images = smooth.round().to(torch.uint8)  # smooth, so that rounding to uint8 is the only difference
+    normalization = Normalization((0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    augment = BatchAugment(normalization, crop_scale=(0.3, 1.0), output_size=64)
+    out = augment(images, torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    flips = torch.rand(6, generator=generator) < 0.5
+    boxes = sample_crop_boxes(6, side, side, (0.3, 1.0), (3 / 4, 4 / 3), generator)
+    assert flips.any() and not flips.all()  # both kinds in the batch
+    torch.testing.assert_close(out, resized_crop_normalised(images, boxes, (64, 64), flips, normalization))
+    grid = normalization.from_pixels(resized_crop(images.float(), boxes, (64, 64), flips))
+    inner = (..., slice(1, -1), slice(1, -1))  # the border differs: grid_sample pads, interpolate clamps
+    # PyTorch's uint8 resize computes in fixed point and rounds: within a grey level or so (std units: / 255 / std)
+    assert (out[inner] - grid[inner]).abs().max() <= 1.5 / 255 / 0.2

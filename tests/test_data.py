@@ -63,7 +63,7 @@ def test_a_cached_split_is_memory_mapped_not_held_in_the_process(tmp_path):
     root = write_folder_dataset(tmp_path / "big", per_class=(1200, 1), size=64)
     cache = tmp_path / "cache"
     load_splits(str(root), cache_dir=cache)  # builds the cache
-    assert len(sorted(cache.glob("*.npy"))) == 2 and len(sorted(cache.glob("*.safetensors"))) == 2
+    assert len(sorted(cache.glob("*.u8"))) == 2 and len(sorted(cache.glob("*.safetensors"))) == 2
     done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(root), str(cache)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -78,7 +78,7 @@ def test_a_cache_left_half_built_is_built_again(tmp_path):
     labels_files = sorted(cache.glob("*.safetensors"))
     for path in labels_files:  # a kill after the images were written, before the labels were
         path.unlink()
-    images_file = sorted(cache.glob("*.npy"))[0]
+    images_file = sorted(cache.glob("*.u8"))[0]
     images_file.write_bytes(images_file.read_bytes()[:100])  # and one images file cut short
     train, _ = load_splits(str(root), cache_dir=cache)
     assert torch.equal(train.images, expected.images) and torch.equal(train.labels, expected.labels)

@@ -38,9 +38,19 @@ class Normalization:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) or float in [0, 1] -> normalised float32 (B, C, H, W)."""
-        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        mean, std = self._stats(x)
+        if images.dtype == torch.uint8:
+            return self.from_pixels(images.float())
+        mean, std = self._stats(images.float())
+        return (images.float() - mean) / std
+
+    def from_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Float pixel values in [0, 255] (B, C, H, W) -> normalised, the scaling to [0, 1] folded in."""
+        mean, std = self.pixel_stats(x.device)
         return (x - mean) / std
+
+    def pixel_stats(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) in pixel units, each (C, 1, 1): normalised = (pixel - mean) / std for pixels in [0, 255]."""
+        return tuple(255 * torch.tensor(values, device=device).view(-1, 1, 1) for values in (self.mean, self.std))
 
     def undo(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised (B, C, H, W) -> float in [0, 1], for showing images."""
@@ -48,10 +58,19 @@ class Normalization:
         return (x * std + mean).clamp(0, 1)
 
 
+def draw_flips(batch: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which of ``batch`` images to mirror, each with probability p: bool (B,), on the CPU."""
+    return torch.rand(batch, generator=generator, device="cpu") < p
+
+
+def flipped(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The images of x (B, C, H, W) mirrored left-right where ``flip`` (B,) is true."""
+    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 def random_horizontal_flip(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each image left-right with probability p. (B, C, H, W) -> same."""
-    flip = torch.rand(x.shape[0], generator=generator, device="cpu") < p
-    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    return flipped(x, draw_flips(x.shape[0], p, generator))
 
 
 def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float],
@@ -120,22 +139,53 @@ def shorter_side_crop(height: int, width: int, shorter_side: int, crop: int) -> 
     return resized, (centre(resized[0], shorter_side) + inset, centre(resized[1], shorter_side) + inset)
 
 
-def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
+                 flip: torch.Tensor | None = None) -> torch.Tensor:
     """Crop each image to its box and resize it to ``size`` bilinearly, in one grid_sample.
 
     x: float (B, C, H, W); boxes: (B, 4) (top, left, h, w) in pixels. Out: (B, C, *size).
+    With ``flip`` (bool (B,)), the images where it is true are mirrored left-right
+    first, at no cost: the box is read from the mirrored image by mirroring the grid.
     """
     batch, _, height, width = x.shape
     top, left, h, w = boxes.to(x.device, x.dtype).unbind(1)
     # An affine map from output coordinates in [-1, 1] to input coordinates in
-    # [-1, 1] (align_corners=False: -1 and 1 are the outer pixel edges).
+    # [-1, 1] (align_corners=False: -1 and 1 are the outer pixel edges). The
+    # mirrored image at u is the image at -u, so mirroring negates the x row.
+    sign = 1 - 2 * flip.to(x.device, x.dtype) if flip is not None else 1
     theta = torch.zeros(batch, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0] = w / width
-    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 0, 0] = sign * w / width
+    theta[:, 0, 2] = sign * ((2 * left + w) / width - 1)
     theta[:, 1, 1] = h / height
     theta[:, 1, 2] = (2 * top + h) / height - 1
     grid = F.affine_grid(theta, [batch, x.shape[1], *size], align_corners=False)  # (B, *size, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def resized_crop_normalised(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
+                            flip: torch.Tensor | None, normalization: Normalization) -> torch.Tensor:
+    """``resized_crop`` (flip included), then ``normalization``, of uint8 images on the CPU, one at a time.
+
+    uint8 (B, C, H, W) -> normalised float32 (B, C, *size). Bilinear at the
+    same points as ``resized_crop`` (align_corners=False), rounded to uint8 as
+    torchvision rounds uint8 tensors. For large images it is several times
+    faster: no float copy of the whole input, PyTorch's vectorised uint8
+    resize, and each image normalised while it is in the cache.
+    """
+    width = images.shape[-1]
+    mean, std = normalization.pixel_stats()
+    out = torch.empty(len(images), images.shape[1], *size)
+    flips = flip.tolist() if flip is not None else [False] * len(images)
+    for i, ((top, left, h, w), mirror) in enumerate(zip(boxes.long().tolist(), flips)):
+        if mirror:  # the box in the mirrored image is the mirrored box in the image, read, then mirrored
+            left = width - left - w
+        crop = images[i:i + 1, :, top:top + h, left:left + w]  # (1, C, h, w), a view
+        resized = F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=False)[0]
+        torch.sub((resized.flip(-1) if mirror else resized).float(), mean, out=out[i]).div_(std)
+    return out
+
+
+LARGE_IMAGE_PIXELS = 96 * 96  # from this size up, BatchAugment resizes uint8 crops one by one on the CPU
 
 
 @dataclass(frozen=True)
@@ -160,18 +210,24 @@ class BatchAugment:
     output_size: int | None = None
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = images.float() / 255
-        if self.flip_p > 0:
-            x = random_horizontal_flip(x, self.flip_p, generator)
-        height, width = x.shape[-2:]
+        flip = draw_flips(images.shape[0], self.flip_p, generator) if self.flip_p > 0 else None
+        height, width = images.shape[-2:]
         size = (self.output_size, self.output_size) if self.output_size else (height, width)
         if self.crop_scale is not None:
-            boxes = sample_crop_boxes(x.shape[0], height, width, self.crop_scale, self.crop_ratio, generator)
-            x = resized_crop(x, boxes, size)
-        elif size[0] <= min(height, width) and size != (height, width):
+            boxes = sample_crop_boxes(images.shape[0], height, width, self.crop_scale, self.crop_ratio, generator)
+            if images.dtype == torch.uint8 and images.device.type == "cpu" and height * width >= LARGE_IMAGE_PIXELS:
+                # one grid_sample call beats many small resizes, but for large images the uint8 path
+                # moves far fewer bytes (benchmarks/pipeline.py)
+                return resized_crop_normalised(images, boxes, size, flip, self.normalization)
+            # pixels in [0, 255]: interpolation commutes with scaling, folded into normalising
+            return self.normalization.from_pixels(resized_crop(images.float(), boxes, size, flip))
+        x = images.float()
+        if flip is not None:  # before a centre crop, which may sit a pixel off centre
+            x = flipped(x, flip)
+        if size[0] <= min(height, width) and size != (height, width):
             _, (top, left) = shorter_side_crop(height, width, min(height, width), size[0])
             x = x[..., top:top + size[0], left:left + size[1]]
         elif size != (height, width):
             whole = torch.tensor([[0.0, 0.0, height, width]]).expand(x.shape[0], 4)
             x = resized_crop(x, whole, size)
-        return self.normalization(x)
+        return self.normalization.from_pixels(x)

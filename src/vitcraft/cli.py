@@ -23,7 +23,8 @@ from vitcraft.errors import VitcraftError
 EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}  # --format -> default file in the run dir
 # what `train --resume` takes: it continues a run with the settings the run was started with, trained longer
 RESUME_FLAGS = ("resume", "epochs", "no_figures", "no_tensorboard")
-DATA_SOURCE_FIELDS = ("data", "data_root", "image_size", "cache_dir")  # the DataConfig flags of eval and viz
+# the DataConfig flags of eval and viz
+DATA_SOURCE_FIELDS = ("data", "data_root", "image_size", "cache_dir", "cache", "workers", "skip_bad_images")
 METAVARS = {int: "N", float: "X"}
 PREDICTION_FORMATS = (".csv", ".jsonl")  # the suffixes `predict --output` writes
 SKIPPED_NAMES = 10  # at most this many skipped files are named; the rest are counted
@@ -287,6 +288,7 @@ def _run_splits(run_dir: Path, args: argparse.Namespace, metadata: dict):
     Prepared with the model's crop_pct (its metadata's), so eval sees exactly what training evaluated on.
     """
     from vitcraft.data import load_splits
+    from vitcraft.device import available_cpus
     from vitcraft.runs import load_run_config, run_config_path
 
     # a hub-style model folder has no run config: then --data must say which data
@@ -296,9 +298,17 @@ def _run_splits(run_dir: Path, args: argparse.Namespace, metadata: dict):
         raise VitcraftError(f"{run_dir} does not say which data it was trained on; pass --data")
     data_root = args.data_root or (saved.data_root if not args.data else None)
     cache_dir = args.cache_dir or saved.cache_dir
+
+    def given_or_saved(name: str):
+        given = getattr(args, name, None)
+        return given if given is not None else getattr(saved, name)
+
     train_set, test_set = load_splits(data, Path(data_root) if data_root else None,
                                       args.image_size or metadata["model_config"]["image_size"],
-                                      Path(cache_dir) if cache_dir else None, crop_pct=metadata.get("crop_pct"))
+                                      Path(cache_dir) if cache_dir else None, crop_pct=metadata.get("crop_pct"),
+                                      stream=not given_or_saved("cache"),
+                                      skip_bad_images=given_or_saved("skip_bad_images"),
+                                      workers=given_or_saved("workers") or available_cpus())
     if test_set.num_channels != metadata["model_config"]["num_channels"]:
         raise VitcraftError(f"{data} has {test_set.num_channels}-channel images but the model takes "
                             f"{metadata['model_config']['num_channels']}")

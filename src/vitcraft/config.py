@@ -282,13 +282,23 @@ class DataConfig:
                                    "hf:NAME[:CONFIG], or a folder written by DatasetDict.save_to_disk")
     data_root: str | None = setting(None, "where torchvision datasets are downloaded", metavar="DIR",
                                     none_means="the cache")
-    image_size: int | None = setting(None, "resize every image to this square size", none_means="the data's own")
+    image_size: int | None = setting(None, "the model's input size: each image's shorter side is resized to it and "
+                                           "its centre square kept (never squashed)",
+                                     none_means="the data's own: its first image's shorter side")
     crop_pct: float | None = setting(
         None, "the fraction of the image a pretrained model was evaluated on (timm's crop_pct), in (0, 1]: "
               "evaluation resizes the shorter side to image_size / crop_pct, then centre-crops image_size; "
-              "training crops come from the same larger image", none_means="every image resized to image_size")
+              "training crops come from the same larger image",
+        none_means="the --init model's, else 1.0: the centre square at image_size")
     cache_dir: str | None = setting(None, "where decoded image folders are cached", metavar="DIR",
                                     none_means="~/.cache/vitcraft")
+    cache: bool = setting(True, "decode folder and Hugging Face images once into a memory-mapped cache on disk; "
+                                "--no-cache decodes them every epoch in DataLoader workers instead (streaming, "
+                                "also chosen when the cache would not fit the free disk)")
+    workers: int | None = setting(None, "processes that decode images (building the cache, or streaming)",
+                                  none_means="one per CPU core")
+    skip_bad_images: bool = setting(False, "leave out images that cannot be read, naming them in the log and the "
+                                           "run's run.json, instead of stopping at the first")
     mean: list[float] | None = setting(None, "per-channel normalisation mean", none_means="0.5 per channel, as the "
                                                                                            "tutorial")
     std: list[float] | None = setting(None, "per-channel normalisation standard deviation",
@@ -299,7 +309,8 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise one ValueError naming the first bad field (a VitcraftError when built)."""
-        check_positive_ints(self, ("image_size",), optional=True)
+        check_positive_ints(self, ("image_size", "workers"), optional=True)
+        check_bools(self, ("cache", "skip_bad_images"))
         if self.crop_pct is not None and not (_is_number(self.crop_pct) and 0 < self.crop_pct <= 1):
             raise ValueError(f"crop_pct is the fraction of the image kept, so it must be in (0, 1]; "
                              f"got {self.crop_pct!r}")

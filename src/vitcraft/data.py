@@ -16,22 +16,31 @@ library's own cache) or a folder written by ``DatasetDict.save_to_disk``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
+import multiprocessing
+import os
+import queue
 import re
+import shutil
 import socket
-from dataclasses import dataclass
+import sys
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from vitcraft.augment import shorter_side_crop
 from vitcraft.errors import VitcraftError
-from vitcraft.files import atomic_write, load_tensors, save_tensors_atomic
+from vitcraft.files import atomic_write, load_tensors, remove_stale_temporaries, save_tensors_atomic
 from vitcraft.files import cache_dir as default_cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -40,14 +49,18 @@ DOWNLOAD_TIMEOUT_SECONDS = 30
 
 @dataclass
 class ImageTensorDataset:
-    """One split of a dataset in memory.
+    """One split of a dataset.
 
-    images: (N, C, H, W) uint8; labels: (N,) int64; class_names: one per class.
+    images: (N, C, H, W) uint8, in memory, memory-mapped from the decode cache,
+    or ``StreamingImages`` (decoded when read); labels: (N,) int64;
+    class_names: one per class; skipped: the errors of the unreadable images
+    left out (``--skip-bad-images``), each naming its file.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | "StreamingImages"
     labels: torch.Tensor
     class_names: list[str]
+    skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,8 +73,13 @@ class ImageTensorDataset:
     def num_channels(self) -> int:
         return self.images.shape[1]
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.images.shape)
+
     def to(self, device: torch.device | str) -> "ImageTensorDataset":
-        return ImageTensorDataset(self.images.to(device), self.labels.to(device), self.class_names)
+        """The split with its images and labels on ``device`` (a streamed split's images cannot move)."""
+        return ImageTensorDataset(self.images.to(device), self.labels.to(device), self.class_names, self.skipped)
 
 
 # --------------------------------------------------------------- torchvision
@@ -209,8 +227,8 @@ def _decoding(path: Path | str) -> Iterator[None]:
         raise VitcraftError(f"cannot read image {path}: {error}") from None
 
 
-def probe_folder(root: Path) -> tuple[str, int]:
-    """(mode, image_size) of a folder dataset, from its first training image."""
+def probe_folder(root: Path) -> tuple[str, int, bool]:
+    """(mode, image_size, square) of a folder dataset, from its first training image (see ``probe_image``)."""
     train, _ = find_split_dirs(root)
     files, _ = _list_images(train)
     path = files[0][0]
@@ -218,10 +236,13 @@ def probe_folder(root: Path) -> tuple[str, int]:
         return probe_image(image)
 
 
-def probe_image(image: Image.Image) -> tuple[str, int]:
-    """(mode, image_size) of a dataset whose first training image is ``image``: "L" or "RGB"; its largest side."""
+def probe_image(image: Image.Image) -> tuple[str, int, bool]:
+    """(mode, image_size, square) of a dataset whose first training image is ``image``.
+
+    mode: "L" or "RGB"; image_size: its shorter side; square: whether it is.
+    """
     mode = "L" if image.mode in ("L", "1", "I") or image.mode.startswith("I;16") else "RGB"
-    return mode, max(image.size)
+    return mode, min(image.size), image.width == image.height
 
 
 def crop_pct_geometry(image_size: int, crop_pct: float, split: str) -> tuple[int, int]:
@@ -236,86 +257,285 @@ def crop_pct_geometry(image_size: int, crop_pct: float, split: str) -> tuple[int
     return shorter_side, shorter_side if split == "train" else image_size
 
 
-def _decode_images(count: int, decode_one: Callable[[int, int, int | None], np.ndarray], mode: str,
-                   image_size: int, crop_pct: float | None, split: str) -> torch.Tensor:
-    """(count, C, S, S) uint8: image i is ``decode_one(i, resize_to, crop)``, a (S, S, C) array.
+@dataclass(frozen=True)
+class Layout:
+    """How one split's images are stored: each a (channels, size, size) uint8 array.
 
-    S is image_size, or with ``crop_pct`` what ``crop_pct_geometry`` gives the
-    ``split`` ("train" or "test"); decode_one gets the arguments of ``prepare_image``.
+    Made by ``prepare_image(image, mode, resize_to, crop=crop)``: without a
+    crop, every image resized to resize_to x resize_to; with one, its shorter
+    side resized to resize_to and the centre crop x crop kept.
     """
-    channels = 1 if mode == "L" else 3
-    resize_to, crop = crop_pct_geometry(image_size, crop_pct, split) if crop_pct is not None else (image_size, None)
-    size = crop or image_size
-    images = torch.empty(count, channels, size, size, dtype=torch.uint8)
-    for i in range(count):
-        images[i] = torch.from_numpy(decode_one(i, resize_to, crop)).permute(2, 0, 1)  # HWC -> CHW
-    return images
+
+    mode: str  # "RGB" or "L"
+    resize_to: int
+    crop: int | None = None
+
+    @classmethod
+    def of(cls, mode: str, image_size: int, crop_pct: float | None, split: str) -> "Layout":
+        """The layout of ``split`` ("train" or "test") at ``image_size``, with timm's ``crop_pct`` or without."""
+        if crop_pct is None:
+            return cls(mode, image_size)
+        return cls(mode, *crop_pct_geometry(image_size, crop_pct, split))
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    @property
+    def size(self) -> int:
+        return self.crop or self.resize_to
+
+    def shape(self, count: int) -> tuple[int, int, int, int]:
+        return count, self.channels, self.size, self.size
+
+    def nbytes(self, count: int) -> int:
+        return math.prod(self.shape(count))
 
 
-def _decode_folder(split_dir: Path, mode: str, image_size: int, crop_pct: float | None = None,
-                   split: str = "train") -> ImageTensorDataset:
-    files, class_names = _list_images(split_dir)
-    images = _decode_images(len(files), lambda i, size, crop: read_image(files[i][0], mode, size, crop=crop),
-                            mode, image_size, crop_pct, split)
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return ImageTensorDataset(images, labels, class_names)
+class ImageSource:
+    """The images of one split, decoded one at a time: what a cache is built from and what streaming reads.
+
+    Subclasses say how to read image i (``read``). Picklable, so build
+    processes and DataLoader workers get copies.
+    """
+
+    layout: Layout
+    labels: torch.Tensor  # (N,) int64
+    class_names: list[str]
+    where: str  # the split, for messages and the progress bar
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, i: int) -> np.ndarray:
+        """Image i as a (H, W, C) uint8 array prepared to ``layout``; VitcraftError naming it if it cannot be read."""
+        raise NotImplementedError
+
+    def decode(self, i: int) -> np.ndarray:
+        """Image i as a (C, S, S) uint8 array."""
+        return self.read(i).transpose(2, 0, 1)  # HWC -> CHW
 
 
-def _folder_fingerprint(split_dir: Path, mode: str, image_size: int, crop_pct: float | None = None,
-                        split: str = "train") -> str:
+class FolderSource(ImageSource):
+    """The image files of one ImageFolder split folder."""
+
+    def __init__(self, split_dir: Path, layout: Layout):
+        files, self.class_names = _list_images(split_dir)
+        self.paths = [path for path, _ in files]
+        self.labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+        self.layout, self.where = layout, str(split_dir)
+
+    def read(self, i: int) -> np.ndarray:
+        return read_image(self.paths[i], self.layout.mode, self.layout.resize_to, crop=self.layout.crop)
+
+
+BUILD_BLOCK = 256  # images per task of a parallel cache build: large enough to amortise the task, small to balance
+
+
+def _decode_block(source: ImageSource, path: str, start: int, stop: int, skip_bad: bool) -> list[tuple[int, str]]:
+    """Decode images start..stop-1 of ``source`` into rows of the raw file ``path``; (index, error) of those skipped.
+
+    A skipped image's row stays zero, and is dropped when the build ends.
+    """
+    rows = np.memmap(path, dtype=np.uint8, mode="r+", shape=source.layout.shape(len(source)))
+    bad = []
+    for i in range(start, stop):
+        try:
+            rows[i] = source.decode(i)
+        except VitcraftError as error:
+            if not skip_bad:
+                raise
+            bad.append((i, str(error)))
+    rows.flush()
+    return bad
+
+
+def _decode_into(path: str, source: ImageSource, skip_bad: bool, workers: int) -> list[tuple[int, str]]:
+    """Decode every image of ``source`` into the raw (N, C, S, S) file ``path``, on ``workers`` processes.
+
+    A progress bar on a terminal. Returns the (index, error) of the images
+    skipped (``skip_bad``); otherwise the first unreadable one raises.
+    """
+    blocks = [(start, min(start + BUILD_BLOCK, len(source))) for start in range(0, len(source), BUILD_BLOCK)]
+    bad: list[tuple[int, str]] = []
+    with tqdm(total=len(source), desc=f"decoding {source.where}", unit="img", leave=False,
+              disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
+        if workers <= 1 or len(blocks) == 1:
+            for start, stop in blocks:
+                bad += _decode_block(source, path, start, stop, skip_bad)
+                bar.update(stop - start)
+            return bad
+        # processes, not threads: decoding small images is Python-bound, and would hold the GIL
+        # the source goes to each process once, not with every block: it lists every file of the split
+        with ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_set_worker_source,
+                                 initargs=(source,)) as pool:
+            futures = [pool.submit(_decode_worker_block, path, start, stop, skip_bad) for start, stop in blocks]
+            try:
+                for (start, stop), future in zip(blocks, futures):
+                    bad += future.result()
+                    bar.update(stop - start)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+    return bad
+
+
+_worker_source: ImageSource | None = None  # in a build process: the source it decodes from
+
+
+def _set_worker_source(source: ImageSource) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def _decode_worker_block(path: str, start: int, stop: int, skip_bad: bool) -> list[tuple[int, str]]:
+    return _decode_block(_worker_source, path, start, stop, skip_bad)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """How build processes start: forked on Linux, as DataLoader workers are there.
+
+    Spawned processes would import the caller's main script again, and a
+    script that trains without an ``if __name__ == "__main__":`` guard would
+    then start its training in every one of them (waiting for the build lock
+    this process holds). Elsewhere the platform's default (spawn on macOS and
+    Windows, which need that guard for DataLoader workers too).
+    """
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+
+
+def _reserve(path: str, nbytes: int) -> None:
+    """Create ``path`` with ``nbytes`` of disk reserved: a full disk fails here, not half-way as a crash.
+
+    Writing to a memory-mapped file whose blocks the disk cannot supply kills
+    the process (SIGBUS); posix_fallocate claims the blocks first, or says ENOSPC.
+    """
+    with open(path, "wb") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, nbytes)
+        except (AttributeError, OSError) as error:  # AttributeError: no posix_fallocate (macOS, Windows)
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise
+            file.truncate(nbytes)  # a file system without fallocate: sparse, checked against the free space before
+
+
+def _disk_full(folder: Path, nbytes: int) -> VitcraftError:
+    return VitcraftError(f"the disk holding {folder} is full: the decode cache needs {nbytes / 1e9:.2f} GB there. "
+                         f"Free some space, pass --cache-dir on a larger disk, or --no-cache to decode the images "
+                         f"every epoch instead (nothing half-built was left behind)")
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if need be): one process builds a cache, the others wait."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; the atomic renames still keep every reader's cache whole
+        yield
+        return
+    with open(path, "a") as file:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+
+CACHE_IMAGES_SUFFIX = ".u8"  # the raw (N, C, S, S) uint8 rows; the shape is in the metadata file
+
+
+def _read_cache(cache_file: Path) -> ImageTensorDataset | None:
+    """The split cached at ``cache_file``, its images memory-mapped; None if there is none, or it is damaged."""
+    images_file = cache_file.with_suffix(CACHE_IMAGES_SUFFIX)
+    if not (cache_file.exists() and images_file.exists()):
+        return None
+    try:
+        tensors, metadata = load_tensors(cache_file)
+        shape = tuple(json.loads(metadata["shape"]))
+        if images_file.stat().st_size != math.prod(shape) or len(tensors["labels"]) != shape[0]:
+            return None
+        # copy-on-write: writable for torch (no warning), the file's pages shared until written
+        images = torch.from_numpy(np.memmap(images_file, dtype=np.uint8, mode="c", shape=shape))
+        return ImageTensorDataset(images, tensors["labels"], json.loads(metadata["class_names"]),
+                                  json.loads(metadata["skipped"]))
+    except (VitcraftError, KeyError, ValueError, TypeError, OSError, json.JSONDecodeError):
+        return None  # a damaged cache is rebuilt, never trusted
+
+
+def _build_cache(cache_file: Path, source: ImageSource, skip_bad: bool, workers: int) -> None:
+    """Decode ``source`` into ``cache_file``'s raw images file, then write its labels, class names and shape.
+
+    The images are decoded straight into the file (memory-mapped), so a split
+    larger than the memory can be cached. The metadata file is written last:
+    a build killed at any moment leaves no cache that ``_read_cache`` accepts.
+    """
+    images_file = cache_file.with_suffix(CACHE_IMAGES_SUFFIX)
+    nbytes = source.layout.nbytes(len(source))
+    bad: list[tuple[int, str]] = []
+
+    def decode(temp: str) -> None:
+        _reserve(temp, nbytes)
+        bad.extend(_decode_into(temp, source, skip_bad, workers))
+        if bad:  # move the good rows up over the skipped ones, in place, then cut the tail
+            rows = np.memmap(temp, dtype=np.uint8, mode="r+", shape=source.layout.shape(len(source)))
+            skipped = {i for i, _ in bad}
+            kept = [i for i in range(len(source)) if i not in skipped]
+            for row, i in enumerate(kept):
+                if row != i:
+                    rows[row] = rows[i]
+            rows.flush()
+            del rows
+            os.truncate(temp, source.layout.nbytes(len(kept)))
+
+    try:
+        atomic_write(images_file, decode)
+        keep = torch.ones(len(source), dtype=torch.bool)
+        keep[[i for i, _ in bad]] = False
+        metadata = {"class_names": json.dumps(source.class_names),
+                    "shape": json.dumps(source.layout.shape(int(keep.sum()))),
+                    "skipped": json.dumps([error for _, error in bad])}
+        save_tensors_atomic(cache_file, {"labels": source.labels[keep]}, metadata)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise _disk_full(cache_file.parent, nbytes) from None
+        raise
+
+
+def _cached(cache_file: Path, source: ImageSource, skip_bad: bool, workers: int) -> ImageTensorDataset:
+    """The split of ``source`` from its cache at ``cache_file``, built first if there is none.
+
+    The images live in a raw file beside ``cache_file`` (suffix .u8) that is
+    memory-mapped: batches are read from the page cache by index, so a large
+    set does not fill the process's own memory, and every process (each
+    torchrun rank) shares the same pages. Two processes building the same
+    cache take turns: the second finds the first's.
+    """
+    dataset = _read_cache(cache_file)
+    if dataset is None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with _build_lock(cache_file.with_suffix(".lock")):
+            dataset = _read_cache(cache_file)  # built by the process we waited for
+            if dataset is None:
+                # what killed builds left behind; no one else builds now: we hold the lock
+                images_name = cache_file.with_suffix(CACHE_IMAGES_SUFFIX).name
+                remove_stale_temporaries(cache_file.parent, [cache_file.name, images_name])
+                _build_cache(cache_file, source, skip_bad, workers)
+                dataset = _read_cache(cache_file)
+    if dataset.skipped and not skip_bad:
+        raise VitcraftError(f"{dataset.skipped[0]} (the cache of {source.where} was built with --skip-bad-images, "
+                            f"leaving out {len(dataset.skipped)} images; pass it again, or fix the files)")
+    return dataset
+
+
+def _folder_fingerprint(split_dir: Path, layout: Layout) -> str:
     """Changes when any file is added, removed, resized or touched, or the images are prepared otherwise."""
-    key = f"{split_dir.resolve()}|{mode}|{image_size}|v2"  # v2: EXIF orientation applied
-    if crop_pct is not None:  # appended only with a crop_pct, so the caches made without one stay valid
-        key += f"|crop_pct={crop_pct!r}|{split}"
+    key = f"{split_dir.resolve()}|{layout.mode}|{layout.resize_to}|{layout.crop}|v3"  # v3: raw rows, skipped list
     digest = hashlib.sha1(key.encode())
     for path in sorted(split_dir.rglob("*")):
         if path.is_file():
             stat = path.stat()
             digest.update(f"{path.relative_to(split_dir)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
-
-
-def _load_folder_cached(split_dir: Path, mode: str, image_size: int, cache_dir: Path | None,
-                        crop_pct: float | None = None, split: str = "train") -> ImageTensorDataset:
-    cache_file = None
-    if cache_dir is not None:
-        key = _folder_fingerprint(split_dir, mode, image_size, crop_pct, split)
-        cache_file = cache_dir / f"{split_dir.parent.name}-{split_dir.name}-{key}.safetensors"
-    return _cached(cache_file, lambda: _decode_folder(split_dir, mode, image_size, crop_pct, split))
-
-
-def _cached(cache_file: Path | None, decode: Callable[[], ImageTensorDataset]) -> ImageTensorDataset:
-    """What ``decode()`` returns, read from ``cache_file`` if an earlier call saved it there (None: no cache).
-
-    The images are kept in a .npy file beside it (``cache_file`` with the suffix
-    .npy) and memory-mapped when read back: batches are read from the page cache
-    by index, so a large set does not fill the process's own memory, and every
-    process (each torchrun rank) shares the same pages. ``cache_file`` holds the
-    labels and class names and is written last, so a cache whose build was
-    killed half-way has none and is built again.
-    """
-    if cache_file is None:
-        return decode()
-    images_file = cache_file.with_suffix(".npy")
-    if cache_file.exists() and images_file.exists():
-        try:
-            tensors, metadata = load_tensors(cache_file)
-            # copy-on-write: writable for torch (no warning), the file's pages shared until written
-            images = torch.from_numpy(np.load(images_file, mmap_mode="c"))
-            if images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(tensors["labels"]):
-                return ImageTensorDataset(images, tensors["labels"], json.loads(metadata["class_names"]))
-        except (VitcraftError, KeyError, ValueError, OSError, json.JSONDecodeError):
-            pass  # a damaged cache is rebuilt, never trusted
-    dataset = decode()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-
-    def write_images(temp: str) -> None:
-        with open(temp, "wb") as file:  # a file object: np.save would add .npy to a path
-            np.save(file, dataset.images.numpy())
-
-    atomic_write(images_file, write_images)
-    save_tensors_atomic(cache_file, {"labels": dataset.labels}, {"class_names": json.dumps(dataset.class_names)})
-    return dataset
 
 
 # ------------------------------------------------------ Hugging Face datasets
@@ -380,34 +600,37 @@ def _hf_columns(features: Any, where: str) -> tuple[str, str]:
     return columns[0], columns[1]
 
 
-def _hf_fingerprint(source: str, split_name: str, split: Any, mode: str, image_size: int,
-                    crop_pct: float | None) -> str:
-    """Changes when the datasets library's fingerprint of the split changes, or the images are prepared otherwise."""
-    key = json.dumps([source, split_name, split._fingerprint, mode, image_size, crop_pct, "v2"])
-    return hashlib.sha1(key.encode()).hexdigest()[:16]
+class HubSource(ImageSource):
+    """One split of a Hugging Face dataset: its one Image column decoded, its one ClassLabel column the labels."""
+
+    def __init__(self, split: Any, where: str, layout: Layout, fingerprint_of: str):
+        image_column, label_column = _hf_columns(split.features, where)
+        self.class_names = list(split.features[label_column].names)
+        self.labels = torch.tensor(list(split[label_column]), dtype=torch.int64)
+        outside = self.labels[(self.labels < 0) | (self.labels >= len(self.class_names))]
+        if len(outside):
+            raise VitcraftError(f"{where} has {len(outside)} labels outside 0..{len(self.class_names) - 1}, such as "
+                                f"{int(outside[0])} (-1 marks an unlabelled image); train and test need labelled "
+                                f"images")
+        self.images = split.select_columns([image_column])  # rows read only the image column
+        self.image_column, self.where, self.layout = image_column, where, layout
+        # changes when the datasets library's fingerprint of the split changes, or the images are prepared otherwise
+        key = json.dumps([fingerprint_of, split._fingerprint, self.layout.mode, self.layout.resize_to,
+                          self.layout.crop, "v3"])
+        self.fingerprint = hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def name(self, i: int) -> str:
+        return f"{i} of {self.where}"
+
+    def read(self, i: int) -> np.ndarray:
+        with _decoding(self.name(i)):
+            return prepare_image(self.images[i][self.image_column], self.layout.mode, self.layout.resize_to,
+                                 crop=self.layout.crop)
 
 
-def _decode_hf_split(split: Any, image_column: str, label_column: str, where: str, mode: str, image_size: int,
-                     crop_pct: float | None, role: str) -> ImageTensorDataset:
-    class_names = list(split.features[label_column].names)
-    labels = torch.tensor(list(split[label_column]), dtype=torch.int64)
-    outside = labels[(labels < 0) | (labels >= len(class_names))]
-    if len(outside):
-        raise VitcraftError(f"{where} has {len(outside)} labels outside 0..{len(class_names) - 1}, such as "
-                            f"{int(outside[0])} (-1 marks an unlabelled image); train and test need labelled images")
-    images = split.select_columns([image_column])  # rows read only the image column
-
-    def decode_one(i: int, size: int, crop: int | None) -> np.ndarray:
-        with _decoding(f"{i} of {where}"):
-            return prepare_image(images[i][image_column], mode, size, crop=crop)
-
-    return ImageTensorDataset(_decode_images(len(split), decode_one, mode, image_size, crop_pct, role),
-                              labels, class_names)
-
-
-def _load_hf(data: str, image_size: int | None, cache_dir: Path | None,
-             crop_pct: float | None) -> tuple[ImageTensorDataset, ImageTensorDataset]:
-    """(train, test) of ``hf:NAME[:CONFIG]`` or a save_to_disk folder, decoded as folders are and cached alike."""
+def _hf_sources(data: str, image_size: int | None, crop_pct: float | None,
+                log: Callable[[str], None]) -> tuple[tuple[HubSource, HubSource], str]:
+    """The (train, test) sources of ``hf:NAME[:CONFIG]`` or a save_to_disk folder, and the prefix of their caches."""
     splits, source, cache_name = _open_hf(data)
     test_name = next((name for name in TEST_SPLITS if name in splits), None)
     if "train" not in splits or test_name is None:
@@ -423,25 +646,104 @@ def _load_hf(data: str, image_size: int | None, cache_dir: Path | None,
         raise VitcraftError(f"{wheres[test_name]} and {wheres['train']} have different class names: "
                             f"{test_classes} vs {train_classes}")
     with _decoding(f"0 of {wheres['train']}"):
-        mode, probed_size = probe_image(splits["train"][0][columns["train"][0]])
+        mode, probed_size, square = probe_image(splits["train"][0][columns["train"][0]])
+    if not square and crop_pct is None:
+        _say_squashed(data, log)
     size = image_size or probed_size
     prefix = re.sub(r"[^\w.-]+", "-", cache_name)  # a hub name's "/" and a config's odd characters
+    sources = (HubSource(splits[name], wheres[name], Layout.of(mode, size, crop_pct, role), f"{source}|{name}")
+               for name, role in (("train", "train"), (test_name, "test")))
+    return tuple(sources), prefix
 
-    def load(name: str, role: str) -> ImageTensorDataset:
-        cache_file = None
-        if cache_dir is not None:
-            key = _hf_fingerprint(source, name, splits[name], mode, size, crop_pct)
-            cache_file = cache_dir / f"{prefix}-{name}-{key}.safetensors"
-        return _cached(cache_file, lambda: _decode_hf_split(splits[name], *columns[name], wheres[name], mode, size,
-                                                            crop_pct, role))
 
-    return load("train", "train"), load(test_name, "test")
+# ---------------------------------------------------------------- streaming
+class StreamingImages:
+    """A split's images decoded when read, standing in for the (N, C, S, S) uint8 tensor of a cached split.
+
+    For sets larger than the free disk (``--no-cache``): ``iterate_batches``
+    decodes each batch in DataLoader worker processes, every epoch. Indexing
+    (an int, a slice or an index tensor) decodes in this process, for figures.
+    With ``skip_bad``, an unreadable image is left out of its batch (named in
+    ``skipped``) and reads as zeros when indexed.
+    """
+
+    dtype = torch.uint8
+    device = torch.device("cpu")
+    ndim = 4
+
+    def __init__(self, source: ImageSource, workers: int, skip_bad: bool):
+        self.source, self.workers, self.skip_bad = source, workers, skip_bad
+        self.skipped: set[str] = set()
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.source.layout.shape(len(self.source)))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int | slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(index, int):
+            return self[torch.tensor([index])][0]
+        rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
+        images = torch.zeros(len(rows), *self.shape[1:], dtype=torch.uint8)
+        for row, i in enumerate(rows):
+            image, error = _decode_or_error(self.source, i)
+            if error is not None and not self.skip_bad:
+                raise VitcraftError(error)
+            if image is not None:
+                images[row] = image
+        return images
+
+    def batches(self, batches: list[torch.Tensor], labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) of each index tensor in ``batches``, decoded by DataLoader workers."""
+        loader = torch.utils.data.DataLoader(
+            _Decoded(self.source), batch_sampler=[batch.tolist() for batch in batches], collate_fn=_collate,
+            num_workers=min(self.workers, len(batches)), multiprocessing_context=_worker_context())
+        for batch, (images, keep, errors) in zip(batches, loader):
+            if errors and not self.skip_bad:
+                raise VitcraftError(f"{errors[0]} (--skip-bad-images leaves such images out)")
+            self.skipped.update(errors)
+            yield images, labels[batch[keep]]
+
+
+def _decode_or_error(source: ImageSource, i: int) -> tuple[torch.Tensor | None, str | None]:
+    try:
+        return torch.from_numpy(source.decode(i).copy()), None
+    except VitcraftError as error:  # returned, not raised: a worker's exception would reach the user as a traceback
+        return None, str(error)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Image i of a source as (image (C, S, S) uint8 or None, error or None), for DataLoader workers."""
+
+    def __init__(self, source: ImageSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str | None]:
+        return _decode_or_error(self.source, i)
+
+
+def _collate(rows: list[tuple[torch.Tensor | None, str | None]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images (b, C, S, S) of the readable rows, which rows those are (bool), the others' errors)."""
+    keep = torch.tensor([image is not None for image, _ in rows])
+    images = [image for image, _ in rows if image is not None]
+    stacked = torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)
+    return stacked, keep, [error for _, error in rows if error is not None]
 
 
 # -------------------------------------------------------------------- public
+def _print_note(message: str) -> None:
+    print(f"vitcraft: {message}", file=sys.stderr)
+
+
 def load_splits(data: str, data_root: Path | None = None, image_size: int | None = None,
-                cache_dir: Path | None = None, *,
-                crop_pct: float | None = None) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+                cache_dir: Path | None = None, *, crop_pct: float | None = None, stream: bool = False,
+                skip_bad_images: bool = False, workers: int = 1,
+                log: Callable[[str], None] = _print_note) -> tuple[ImageTensorDataset, ImageTensorDataset]:
     """(train, test) splits of a torchvision dataset name, an ImageFolder-layout folder or a Hugging Face dataset.
 
     Hugging Face: ``hf:NAME[:CONFIG]`` (``datasets.load_dataset``) or a folder
@@ -449,35 +751,79 @@ def load_splits(data: str, data_root: Path | None = None, image_size: int | None
     ``Image`` column holds the images, its one ``ClassLabel`` column the labels
     and class names, and its "train" and "test" (else "validation") splits are used.
 
-    ``image_size`` resizes every image to that square size (default: the data's own size).
+    ``image_size`` resizes every image to that square size (default: the
+    shorter side of the data's first image), squashing those that are not
+    square (said through ``log``); ``vitcraft train`` passes a crop_pct.
     With ``crop_pct`` (timm's, in (0, 1]) nothing is squashed: image_size is the
     test split's size and each image's shorter side is resized to image_size /
     crop_pct first (see ``crop_pct_geometry``), the training split keeping the
-    larger centre square. Folder and Hugging Face datasets are decoded once and cached as uint8 in ``cache_dir``.
+    larger centre square.
+
+    Folder and Hugging Face datasets are decoded once, on ``workers``
+    processes, into a cache in ``cache_dir`` that is memory-mapped (see
+    ``_cached``). With ``stream``, or when the cache would not fit the free
+    disk (said through ``log``), nothing is cached: DataLoader workers decode
+    every batch (``StreamingImages``). An unreadable image stops with its name,
+    or with ``skip_bad_images`` is left out and named in the split's ``skipped``.
     """
-    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     if data.startswith(HUB_PREFIX) or is_saved_dataset_dict(Path(data).expanduser()):
-        return _load_hf(data, image_size, cache_dir, crop_pct)
-    name = data.lower()
-    if name in TORCHVISION_NAMES and not Path(data).is_dir():
-        root = data_root or cache_dir / "datasets"
-        train, test = (_load_torchvision(name, split, root) for split in ("train", "test"))
-        if crop_pct is not None:
-            size = image_size or train.image_size
-            train, test = (resize_dataset(dataset, *crop_pct_geometry(size, crop_pct, split))
-                           for dataset, split in ((train, "train"), (test, "test")))
-        elif image_size is not None and image_size != train.image_size:
-            train, test = resize_dataset(train, image_size), resize_dataset(test, image_size)
-        return train, test
-    root = Path(data).expanduser()
-    train_dir, test_dir = find_split_dirs(root)
-    mode, probed_size = probe_folder(root)
-    size = image_size or probed_size
-    train = _load_folder_cached(train_dir, mode, size, cache_dir, crop_pct, "train")
-    test = _load_folder_cached(test_dir, mode, size, cache_dir, crop_pct, "test")
-    if test.class_names != train.class_names:
-        raise VitcraftError(f"{test_dir} and {train_dir} have different class folders: "
-                            f"{test.class_names} vs {train.class_names}")
+        sources, prefix = _hf_sources(data, image_size, crop_pct, log)
+        names = [f"{prefix}-{role}-{source.fingerprint}" for role, source in zip(("train", "test"), sources)]
+    elif data.lower() in TORCHVISION_NAMES and not Path(data).is_dir():
+        return _load_torchvision_splits(data.lower(), data_root or cache_dir / "datasets", image_size, crop_pct)
+    else:
+        root = Path(data).expanduser()
+        train_dir, test_dir = find_split_dirs(root)
+        mode, probed_size, square = probe_folder(root)
+        if not square and crop_pct is None:
+            _say_squashed(data, log)
+        size = image_size or probed_size
+        sources = tuple(FolderSource(folder, Layout.of(mode, size, crop_pct, split))
+                        for folder, split in ((train_dir, "train"), (test_dir, "test")))
+        if sources[1].class_names != sources[0].class_names:
+            raise VitcraftError(f"{test_dir} and {train_dir} have different class folders: "
+                                f"{sources[1].class_names} vs {sources[0].class_names}")
+        names = [f"{folder.parent.name}-{folder.name}-{_folder_fingerprint(folder, source.layout)}"
+                 for folder, source in zip((train_dir, test_dir), sources)]
+    cache_files = [cache_dir / f"{name}.safetensors" for name in names]
+    if not stream:
+        needed = sum(source.layout.nbytes(len(source)) for source, file in zip(sources, cache_files)
+                     if _read_cache(file) is None)
+        free = _free_bytes(cache_dir)
+        if needed > free:
+            log(f"the decode cache would take {needed / 1e9:.2f} GB but {cache_dir} has {free / 1e9:.2f} GB free: "
+                f"streaming instead, decoding every image every epoch (--cache-dir on a larger disk caches it)")
+            stream = True
+    if stream:
+        return tuple(ImageTensorDataset(StreamingImages(source, workers, skip_bad_images), source.labels,
+                                        source.class_names) for source in sources)
+    splits = tuple(_cached(file, source, skip_bad_images, workers) for file, source in zip(cache_files, sources))
+    return splits
+
+
+def _say_squashed(data: str, log: Callable[[str], None]) -> None:
+    log(f"the images of {data} are not square (the first is not): without crop_pct each is squashed to a square; "
+        f"crop_pct=1.0 resizes the shorter side and keeps the centre square (what vitcraft train does)")
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free space on the disk that holds ``folder`` (or would, once created)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _load_torchvision_splits(name: str, root: Path, image_size: int | None,
+                             crop_pct: float | None) -> tuple[ImageTensorDataset, ImageTensorDataset]:
+    """torchvision's ``name`` in memory, resized as ``load_splits`` says."""
+    train, test = (_load_torchvision(name, split, root) for split in ("train", "test"))
+    if crop_pct is not None:
+        size = image_size or train.image_size
+        train, test = (resize_dataset(dataset, *crop_pct_geometry(size, crop_pct, split))
+                       for dataset, split in ((train, "train"), (test, "test")))
+    elif image_size is not None and image_size != train.image_size:
+        train, test = resize_dataset(train, image_size), resize_dataset(test, image_size)
     return train, test
 
 
@@ -487,6 +833,8 @@ def resize_dataset(dataset: ImageTensorDataset, image_size: int, crop: int | Non
     With ``crop``, as ``read_image``: the shorter side resized to image_size,
     then the centre crop x crop kept. Out: (N, C, crop, crop).
     """
+    if dataset.images.shape[-2:] == (image_size, image_size) and crop in (None, image_size):
+        return dataset  # already that size
     if crop is None:
         size, (top, left), crop = (image_size, image_size), (0, 0), image_size
     else:
@@ -544,10 +892,68 @@ def epoch_indices(num_samples: int, seed: int, epoch: int, *, shuffle: bool = Tr
     return order
 
 
-def iterate_batches(dataset: ImageTensorDataset, order: torch.Tensor, batch_size: int, *,
-                    drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 images (b, C, H, W), labels (b,)) in ``order``."""
+def iterate_batches(dataset: ImageTensorDataset, order: torch.Tensor, batch_size: int, *, drop_last: bool = False,
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    prefetch: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (uint8 images (b, C, H, W), labels (b,)) in ``order``; the images through ``transform`` if given.
+
+    With ``prefetch``, a background thread reads (and transforms) the next
+    batch while the caller works on this one: reading pages of a memory-mapped
+    cache from disk, and the batched augmentations, leave the training step's
+    critical path. A streamed split's batches are decoded by DataLoader workers.
+    """
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
-    for start in range(0, stop, batch_size):
-        index = order[start:start + batch_size].to(dataset.images.device)
-        yield dataset.images[index], dataset.labels[index]
+    indices = [order[start:start + batch_size] for start in range(0, stop, batch_size)]
+    if isinstance(dataset.images, StreamingImages):
+        batches = dataset.images.batches(indices, dataset.labels)
+    else:
+        batches = ((dataset.images[index], dataset.labels[index])
+                   for index in (index.to(dataset.images.device) for index in indices))
+    if transform is not None:
+        batches = ((transform(images), labels) for images, labels in batches)
+    return _in_background(batches) if prefetch else batches
+
+
+def _in_background(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """``items``, produced by a thread that keeps up to ``depth`` items ahead; its exception re-raised here.
+
+    Stopping early (break, or an exception in the loop) stops the thread at its next item.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        # one thread for torch's operations here (the setting is this thread's own): a second team of
+        # OpenMP threads would spin on the cores the training step's team computes on
+        torch.set_num_threads(1)
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            ready.put((done, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            ready.put((done, error))
+
+    thread = threading.Thread(target=produce, name="vitcraft-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting to put, then let it see the stop
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.1)
+        thread.join()

@@ -40,7 +40,7 @@ from vitcraft import checkpoint as ckpt
 from vitcraft import runs
 from vitcraft.augment import BatchAugment, Normalization
 from vitcraft.config import TrainConfig
-from vitcraft.data import ImageTensorDataset, derive_seed, epoch_indices, iterate_batches, load_splits
+from vitcraft.data import ImageTensorDataset, StreamingImages, derive_seed, epoch_indices, iterate_batches, load_splits
 from vitcraft.deit_augment import DeiTAugment
 from vitcraft.device import (
     autocast,
@@ -50,6 +50,7 @@ from vitcraft.device import (
     grad_scaler,
     keep_freed_memory,
     pick_device,
+    pinned,
 )
 from vitcraft.distill import Distiller, load_teacher
 from vitcraft.ema import ModelEma
@@ -275,6 +276,22 @@ class Distributed:
         return result if self.local_rank == 0 else action()
 
 
+ON_DEVICE_BYTES = 2 * 1024**3  # splits up to this size (decoded) are copied to an accelerator whole
+
+
+def fits_on_device(*splits: ImageTensorDataset) -> bool:
+    """Whether the splits are copied to an accelerator whole: small ones, in memory or cached, not streamed."""
+    return all(isinstance(split.images, torch.Tensor) for split in splits) and \
+        sum(split.nbytes for split in splits) <= ON_DEVICE_BYTES
+
+
+def log_skipped(log: Callable[[str], None], where: str, errors: list[str], shown: int = 3) -> None:
+    """Say how many unreadable images ``--skip-bad-images`` left out of ``where``, naming the first ``shown``."""
+    more = f" and {len(errors) - shown} more" if len(errors) > shown else ""
+    log(f"skipped {len(errors)} unreadable image(s) of {where} (--skip-bad-images): "
+        f"{'; '.join(errors[:shown])}{more}")
+
+
 def _setup_distributed(train: TrainConfig) -> tuple[Distributed, torch.device]:
     ddp = Distributed.from_environment()
     device = pick_device(train.device)
@@ -316,7 +333,7 @@ def evaluate(model: nn.Module, dataset: ImageTensorDataset, normalization: Norma
     class_correct = torch.zeros(num_classes, dtype=totals.dtype, device=device)
     class_total = torch.zeros_like(class_correct)
     predictions = []
-    batches = iterate_batches(dataset, order, batch_size)
+    batches = iterate_batches(dataset, order, batch_size, prefetch=True, transform=lambda x: pinned(x, device))
     for images, labels in tqdm(batches, total=math.ceil(len(order) / batch_size), desc="evaluate",
                                leave=False, disable=not (progress and ddp.is_main and sys.stderr.isatty())):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -412,13 +429,15 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
         source = read_source(out_dir if own else run.init)
     # the source's model decides the input size unless --image-size does: the data is resized to it
     image_size = run.data.image_size or (source.config.image_size if source else None)
-    crop_pct = run.data.crop_pct or (source.metadata.get("crop_pct") if source else None)  # evaluation's crop
+    # evaluation's crop; by default 1.0, the centre square of each image: no image is squashed
+    crop_pct = run.data.crop_pct or (source.metadata.get("crop_pct") if source else None) or 1.0
     cache_dir = Path(run.data.cache_dir) if run.data.cache_dir else None
-    train_set, test_set = ddp.local_main_first(lambda: load_splits(
+    train_set, test_set = ddp.local_main_first(lambda: load_splits(  # one decode per machine
         run.data.data, Path(run.data.data_root) if run.data.data_root else None, image_size, cache_dir,
-        crop_pct=crop_pct))  # one decode per machine: the other ranks read its cache
+        crop_pct=crop_pct, stream=not run.data.cache, skip_bad_images=run.data.skip_bad_images,
+        workers=run.data.workers or available_cpus(), log=log if ddp.is_main else lambda _: None))
     normalization = normalization_for(run, train_set.num_channels, source)
-    if device.type != "cpu":  # keep the uint8 data on the accelerator: no copies per batch
+    if device.type != "cpu" and fits_on_device(train_set, test_set):  # no copies per batch
         train_set, test_set = train_set.to(device), test_set.to(device)
     distiller = None
     if cfg.teacher:  # loaded before the student is seeded, and checked before anything is trained
@@ -448,7 +467,7 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
     ema = ModelEma(model, cfg.ema) if cfg.ema is not None else None  # resumed: the checkpoint's
     dtype = autocast_dtype(device, cfg.precision)
     augment, extra = build_augmentations(cfg, normalization, len(train_set.class_names),
-                                         output_size=test_set.image_size if crop_pct else None)
+                                         output_size=test_set.image_size)
 
     local_batch = cfg.batch_size // ddp.world_size
     shard = epoch_indices(len(train_set), cfg.seed, 0, shuffle=False, rank=ddp.rank, world_size=ddp.world_size)
@@ -459,9 +478,11 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
     metadata = {
         "model_config": model_config.to_dict(), "preset": preset,
         "class_names": train_set.class_names, "mean": list(normalization.mean), "std": list(normalization.std),
-        **({"crop_pct": crop_pct} if crop_pct else {}),
+        "crop_pct": crop_pct,
         "num_parameters": num_parameters,
     }
+    skipped = {"train": train_set.skipped, "test": test_set.skipped}
+    skipped = {"skipped_images": skipped} if any(skipped.values()) else {}  # --skip-bad-images left these out
     t = Training(run=run, out_dir=out_dir, ddp=ddp, device=device, dtype=dtype, train_set=train_set,
                  test_set=test_set, normalization=normalization, model=model, ddp_model=model,
                  optimizer=optimizer, scaler=grad_scaler(device, dtype), augment=augment, extra=extra,
@@ -478,8 +499,10 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
             log(f"resuming {out_dir} after epoch {t.start_epoch} (step {t.step})")
     elif ddp.is_main:
         init = {"init": init_report.to_dict()} if init_report else {}
-        atomic_write_json(out_dir / runs.RUN_CONFIG_FILE, {"run": run.to_dict(), **metadata, **init})
+        atomic_write_json(out_dir / runs.RUN_CONFIG_FILE, {"run": run.to_dict(), **metadata, **skipped, **init})
     if ddp.is_main:
+        for split, errors in skipped.get("skipped_images", {}).items():
+            log_skipped(log, f"the {split} split", errors)
         for line in init_report.lines() if init_report and not resume else []:
             log(line)
         model_name = f"{metadata['preset']} from {run.init}" if run.init else run.preset
@@ -526,6 +549,8 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
     started = time.perf_counter()
     order = epoch_indices(len(t.train_set), cfg.seed, epoch, shuffle=True, rank=ddp.rank, world_size=ddp.world_size)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "augment", epoch, ddp.rank))
+    # erasing and mixing draw in this thread while the prefetch thread augments the next batch: a stream of their own
+    mixer = torch.Generator().manual_seed(derive_seed(cfg.seed, "mix", epoch, ddp.rank))
     # every rank seeded the global RNG alike for equal initial weights; its own seed per rank
     # gives the ranks different dropout masks, and per epoch a resume the same masks
     torch.manual_seed(derive_seed(cfg.seed, "dropout", epoch, ddp.rank))
@@ -533,18 +558,26 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
     image_size = progressive_size(cfg.progressive_sizes, epoch, cfg.epochs, t.test_set.image_size)
     sums = torch.zeros(2, dtype=_sum_dtype(device), device=device)  # loss * images, top-1 hits
     seen, checked_step, lr = 0, t.step, learning_rate_at(t.step, cfg, t.total_steps)
-    bar = tqdm(total=min(t.steps_per_epoch, t.total_steps - t.step), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               disable=not show_bar, dynamic_ncols=True)
-    for images, labels in iterate_batches(t.train_set, order, t.local_batch):
-        if t.step >= t.total_steps:
-            break
+    steps = min(t.steps_per_epoch, t.total_steps - t.step)  # max_steps may end the run inside this epoch
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, dynamic_ncols=True)
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        return pinned(t.augment(t.extra.policy(images, generator), generator), device)
+
+    # a background thread reads the next batch while this one trains. On an accelerator it augments it too: the
+    # CPU waits for the device anyway. Not on the CPU, where its work would take cores from the step's own
+    # threads (benchmarks/pipeline.py), nor with RandAugment, which seeds torch's global generator, the one
+    # dropout draws from in this thread
+    in_background = device.type != "cpu" and cfg.auto_augment is None
+    batches = iterate_batches(t.train_set, order[:steps * t.local_batch], t.local_batch, prefetch=True,
+                              transform=augment if in_background else None)
+    for images, labels in batches:
+        images = images if in_background else augment(images)
         lr = learning_rate_at(t.step, cfg, t.total_steps)
         for group in t.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # --layer-decay's scale; a checkpoint's groups may lack it
-        images = t.augment(t.extra.policy(images, generator), generator).to(device, non_blocking=True)
-        images = resize_batch(images, image_size)  # progressive resizing; a no-op at the data's size
+        images = resize_batch(images.to(device, non_blocking=True), image_size)  # progressive resizing
         labels = labels.to(device, non_blocking=True)
-        images, targets = t.extra.erase_and_mix(images, labels, generator)  # targets: labels or (B, K)
+        images, targets = t.extra.erase_and_mix(images, labels, mixer)  # targets: labels or (B, K)
         with autocast(device, t.dtype):
             if t.distiller is not None:
                 loss, logits = t.distiller(t.ddp_model, images, targets)
@@ -640,6 +673,10 @@ def train(run: RunConfig, out_dir: Path | str, *, resume: bool = False, overwrit
             if t.step >= t.total_steps:  # max_steps
                 break
             sums = train_one_epoch(t, epoch, board, show_bar)
+            streamed = t.train_set.images
+            if t.ddp.is_main and isinstance(streamed, StreamingImages) and streamed.skipped:
+                log_skipped(log, f"the train split in epoch {epoch + 1}", sorted(streamed.skipped))
+                streamed.skipped.clear()
             end_of_epoch(t, epoch, sums, board, log, progress)
     finally:
         board.close()  # keeps the steps logged before a divergence
