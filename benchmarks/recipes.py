@@ -1,6 +1,6 @@
 """Training recipes compared under one wall-clock budget each: test accuracy after N minutes.
 
-    python benchmarks/recipes.py --minutes 30 [--recipes seed deit-aug ...] [--data ../shared/data/cifar10-jpeg]
+    python benchmarks/recipes.py --minutes 30 [--recipes tutorial deit-aug ...] [--data ../shared/data/cifar10-jpeg]
 
 Each recipe is a preset plus training settings. Its run gets ``--minutes`` of
 wall-clock time: a short calibration run (``--calibration-steps`` steps and
@@ -25,44 +25,15 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from vitcraft.budget import plan
 from vitcraft.config import DataConfig, TrainConfig
 from vitcraft.data import load_splits
+from vitcraft.recipes import RECIPES, Recipe
 from vitcraft.runs import RunConfig
 from vitcraft.train import train
 
-COSINE = {"schedule": "cosine", "warmup_fraction": 0.05, "min_lr": 1e-5}
-DEIT_AUGMENT = {"auto_augment": "randaugment", "random_erasing": 0.25, "mixup_alpha": 0.8, "cutmix_alpha": 1.0,
-                "label_smoothing": 0.1, "weight_decay": 0.05}
-NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # short budgets underfit
-# the short-budget ViT recipe: cosine from a higher peak, label smoothing, no dropout
-FAST_VIT = {**COSINE, "learning_rate": 2e-3, "grad_clip": 1.0, "label_smoothing": 0.1}
-
-
-class Recipe(NamedTuple):
-    """A model preset (with overrides) and the training settings of one table row."""
-
-    preset: str
-    settings: dict[str, Any]  # TrainConfig settings; warmup_fraction becomes warmup_steps
-    teacher: str | None = None  # the recipe whose run distils into this one
-    model: dict[str, Any] = {}  # model config overrides (--model-arg)
-
-
-RECIPES: dict[str, Recipe] = {
-    "seed": Recipe("seed-tiny", {}),  # the tutorial's recipe: constant lr 1e-3, flip + crop
-    "cosine": Recipe("seed-tiny", {**COSINE, "label_smoothing": 0.1}),
-    "vit-fast": Recipe("seed-tiny", FAST_VIT, model=NO_DROPOUT),
-    "trivialaugment": Recipe("seed-tiny", {**COSINE, "label_smoothing": 0.1, "auto_augment": "trivialaugment"}),
-    "deit-aug": Recipe("seed-tiny", {**COSINE, **DEIT_AUGMENT}),
-    "progressive": Recipe("seed-tiny", {**COSINE, "label_smoothing": 0.1, "progressive_sizes": [16, 24, 32]}),
-    "cnn-small": Recipe("cnn-small", {**COSINE, "learning_rate": 2e-3}),
-    # auto precision: bf16 on a CPU with bf16 units, where its channels-last convolutions gain most
-    "cnn-32": Recipe("cnn-small", {**COSINE, "learning_rate": 2e-3, "label_smoothing": 0.1}, model={"width": 32}),
-    "deit-hard": Recipe("deit-seed-tiny", {**COSINE, "label_smoothing": 0.1, "distillation": "hard"}, "cnn-small"),
-    "deit-soft": Recipe("deit-seed-tiny", {**COSINE, "label_smoothing": 0.1, "distillation": "soft"}, "cnn-small"),
-    "deit-fast": Recipe("deit-seed-tiny", {**FAST_VIT, "distillation": "hard"}, "cnn-32", model=NO_DROPOUT),
-}
 TUTORIAL_ACCURACY = 0.5488  # the tutorial pipeline's test accuracy after its 15 epochs (benchmarks/epoch.py)
 TABLE_HEADER = (f"| recipe | model | parameters | epochs | minutes | test accuracy | "
                 f"minutes to {100 * TUTORIAL_ACCURACY:.1f}% | command |\n|---|---|---:|---:|---:|---:|---:|---|")
@@ -72,7 +43,7 @@ CLI_FLAGS = {"learning_rate": "--lr", "num_threads": "--threads"}  # train setti
 def settings_for(recipe: str, steps: int | None, steps_per_epoch: int, teacher_dir: Path | None,
                  threads: int | None, batch_size: int) -> dict[str, Any]:
     """The TrainConfig settings of a recipe, for ``steps`` optimizer steps (None: its own epochs)."""
-    settings = dict(RECIPES[recipe].settings)
+    settings = dict(RECIPES[recipe].train)
     warmup_fraction = settings.pop("warmup_fraction", 0.0)
     settings.update(batch_size=batch_size, num_threads=threads)
     if steps is not None:
@@ -107,7 +78,7 @@ def calibrate(recipe: str, args: argparse.Namespace, teacher_dir: Path | None,
               steps_per_epoch: int) -> tuple[float, float]:
     """(seconds per training step, seconds per evaluation) of a recipe, from short runs."""
     step_seconds, eval_seconds = [], []
-    for size in RECIPES[recipe].settings.get("progressive_sizes") or [None]:
+    for size in RECIPES[recipe].train.get("progressive_sizes") or [None]:
         settings = settings_for(recipe, args.calibration_steps, steps_per_epoch, teacher_dir, args.threads,
                                 args.batch_size)
         if size is not None:
@@ -128,15 +99,6 @@ def minutes_to_reach(run_dir: Path, accuracy: float) -> float | None:
         if record["test_acc"] >= accuracy:
             return seconds / 60
     return None
-
-
-def steps_within(budget_seconds: float, step_seconds: float, eval_seconds: float, steps_per_epoch: int) -> int:
-    """The most steps whose training plus one evaluation per (started) epoch fits the budget (at least 1)."""
-    per_step = step_seconds + eval_seconds / steps_per_epoch  # evaluations spread over the steps
-    steps = max(1, int((budget_seconds - eval_seconds) / per_step))  # the last, partial epoch's evaluation too
-    while steps > 1 and steps * step_seconds + math.ceil(steps / steps_per_epoch) * eval_seconds > budget_seconds:
-        steps -= 1
-    return steps
 
 
 def main() -> None:
@@ -171,7 +133,7 @@ def main() -> None:
     for recipe in order:
         teacher_dir = run_dirs.get(RECIPES[recipe].teacher)
         step_seconds, eval_seconds = calibrate(recipe, args, teacher_dir, steps_per_epoch)
-        steps = steps_within(60 * args.minutes, step_seconds, eval_seconds, steps_per_epoch)
+        steps = plan(60 * args.minutes, step_seconds, eval_seconds, steps_per_epoch).steps
         settings = settings_for(recipe, steps, steps_per_epoch, teacher_dir, args.threads, args.batch_size)
         out = args.out / recipe
         print(f"{recipe}: {step_seconds:.3f} s/step, {eval_seconds:.1f} s/evaluation -> {steps} steps "

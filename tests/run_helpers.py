@@ -30,7 +30,7 @@ SMALL_RUN = ["--model-arg", "hidden_size=16", "--model-arg", "intermediate_size=
 NO_DROPOUT = ["--model-arg", "hidden_dropout_prob=0", "--model-arg", "attention_probs_dropout_prob=0"]
 RESUME = ["--no-figures", "--no-tensorboard"]  # with `train --resume RUN_DIR`
 # what differs between two equal runs: wall-clock figures
-TIMING_KEYS = ("epoch_seconds", "train_seconds", "images_per_second")
+TIMING_KEYS = ("epoch_seconds", "train_seconds", "images_per_second", "elapsed_seconds")
 TIMEOUT = 300  # seconds; a hung child fails the test instead of stalling the suite
 
 FORKS = multiprocessing.get_context("forkserver")

@@ -159,3 +159,19 @@ def test_local_rank_zero_goes_first_and_its_error_reaches_every_rank(tmp_path):
     (start0, end0), (start1, _) = [map(float, (tmp_path / f"rank{r}").read_text().split()) for r in (0, 1)]
     assert end0 <= start1  # rank 1 began only after rank 0 had finished (it would build the cache)
     assert [(tmp_path / f"error{r}").read_text() for r in (0, 1)] == ["no data on rank 0"] * 2
+
+
+def test_two_ranks_plan_one_budget_alike_and_end_within_it(data, tmp_path):
+    """Each rank calibrates; the averaged figures give every rank the same plan (a different one would hang)."""
+    import json
+
+    out = tmp_path / "run"
+    result = subprocess.run([*TORCHRUN, "-m", "vitcraft", "train", "--data", str(data), "--out", str(out),
+                             "--budget", "20s", *RUN], capture_output=True, text=True, timeout=TIMEOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("budget plan: ") == 1  # rank 0 says it
+    planned = json.loads((out / "run.json").read_text())["run"]["train"]["max_steps"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # with timings
+    assert planned > 3 and records[-1]["step"] <= planned and records[-1]["elapsed_seconds"] <= 20.0
+    assert [record["epoch"] for record in records] == list(range(1, len(records) + 1))

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import small_run, train_quietly
+from run_helpers import TIMING_KEYS
 
 from vitcraft import create_model
 from vitcraft.config import TrainConfig, ViTConfig
@@ -16,7 +17,6 @@ from vitcraft.tensorboard_log import TensorBoardLog
 from vitcraft.train import build_optimizer, learning_rate_at
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-TIMING_KEYS = ("epoch_seconds", "train_seconds", "images_per_second")
 TOKENS = ("embedding.cls_token", "embedding.position_embeddings")  # matrices, but not decayed
 
 

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--config", metavar="FILE", help="YAML or JSON file with the sections preset, model, train "
                                                       "and data; keys are the flags' names with underscores")
+    run.add_argument("--recipe", metavar="NAME", help="start from a named recipe (model and settings; "
+                                                      "`vitcraft list-recipes`); --config and flags override it "
+                                                      "(default: tutorial)")
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<preset>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint, with its "
                                                          "own settings; only --epochs may change")
@@ -205,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("list-models", help="the model presets")
     p.set_defaults(handler=cmd_list_models)
+    p = commands.add_parser("list-recipes", help="the training recipes, with what they measured")
+    p.set_defaults(handler=cmd_list_recipes)
     return parser
 
 
@@ -223,16 +228,27 @@ def _parse_model_args(pairs: list[str]) -> dict:
 
 
 def run_config_from_args(args: argparse.Namespace):
+    from vitcraft.recipes import DEFAULT_RECIPE, get_recipe
     from vitcraft.runs import RunConfig, load_run_config_file
 
     values = load_run_config_file(args.config) if args.config else {}
     if (args.init or values.get("init")) and (args.preset or values.get("preset")):
         raise VitcraftError("--init decides the model's shape from its source; leave out --preset (or the config "
                             "file's preset) with it")
-    values = {"preset": args.preset or values.get("preset", default_of(RunConfig, "preset")),
-              "init": args.init or values.get("init"),
-              "model": {**(values.get("model") or {}), **_parse_model_args(args.model_arg)},
-              "train": {**(values.get("train") or {}), **settings_given(args, TrainConfig)},
+    # the recipe is the bottom layer, under the --config file and then the flags; with --init the source decides
+    # the model, so only the recipe's training settings apply
+    recipe = get_recipe(getattr(args, "recipe", None) or DEFAULT_RECIPE)
+    init = args.init or values.get("init")
+    given = {**(values.get("train") or {}), **settings_given(args, TrainConfig)}
+    train = {**recipe.train, **given}
+    if "warmup_steps" in given and "warmup_fraction" not in given:
+        train.pop("warmup_fraction", None)  # a warmup given in steps replaces the recipe's fraction
+    values = {"preset": args.preset or values.get("preset") or (default_of(RunConfig, "preset") if init
+                                                                 else recipe.preset),
+              "init": init,
+              "model": {**({} if init else recipe.model), **(values.get("model") or {}),
+                        **_parse_model_args(args.model_arg)},
+              "train": train,
               "data": {**(values.get("data") or {}), **settings_given(args, DataConfig)}}
     if args.no_augment:
         if args.flip_p is not None or args.crop_scale is not None:
@@ -523,6 +539,13 @@ def cmd_export(args: argparse.Namespace) -> None:
         written = export.quantize_onnx(fp32, out, args.int8_method, calibration)
     how = f"calibrated on {len(calibration)} training images" if calibration is not None else "no calibration"
     print(f"wrote {written} (int8, {args.int8_method}: {how})")
+
+
+def cmd_list_recipes(args: argparse.Namespace) -> None:
+    from vitcraft.recipes import RECIPES
+
+    for name, recipe in RECIPES.items():
+        print(f"{name:<16} {recipe.preset:<16} {recipe.description}")
 
 
 def cmd_list_models(args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import reprlib
 import types
 import typing
@@ -182,9 +183,16 @@ class TrainConfig:
     schedule: str = setting("constant", "learning rate after the warmup: constant (the tutorial's) or cosine decay "
                                         "to min_lr", choices=SCHEDULES)
     warmup_steps: int = setting(0, "linear warmup from ~0 to the learning rate over this many steps")
+    warmup_fraction: float | None = setting(None, "warmup over this fraction of all the run's steps, replacing "
+                                                  "warmup_steps once the steps are known (--budget's plan included)",
+                                            none_means="warmup_steps")
     min_lr: float = setting(0.0, "where the cosine schedule ends")
     max_steps: int | None = setting(None, "stop after this many steps in all; the schedule ends there too",
                                     none_means="the end of the last epoch")
+    budget: str | None = setting(None, "wall-clock time for the whole run, evaluations and figures included "
+                                       "(90s, 30m, 2h, 1h30m): a few steps are timed, then the epochs, steps and "
+                                       "schedule are planned to end within it", metavar="TIME",
+                                 none_means="no limit: --epochs decides")
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy loss")
     grad_clip: float | None = setting(None, "clip the global gradient norm to this", none_means="off")
     seed: int = setting(0, "seed of the initialisation, the data order and the augmentation")
@@ -242,6 +250,9 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise one ValueError naming the first bad field (a VitcraftError when built)."""
         check_positive_ints(self, ("epochs", "batch_size", "eval_batch_size"))
+        if self.budget is not None:
+            duration_seconds(self.budget)  # raises a ValueError naming what a budget looks like
+        check_fractions(self, ("warmup_fraction",), optional=True)
         check_positive_ints(self, ("max_steps", "num_threads"), optional=True)
         check_positive_numbers(self, ("learning_rate", "distill_tau"))
         check_positive_numbers(self, ("grad_clip",), optional=True)
@@ -316,6 +327,23 @@ class DataConfig:
                              f"got {self.crop_pct!r}")
         if self.std is not None and not all(value > 0 for value in self.std):
             raise ValueError(f"std values divide the pixels, so they must be positive; got {self.std!r}")
+
+
+DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a duration such as ``90s``, ``30m``, ``2h`` or ``1h30m``; a bare number is minutes."""
+    value = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return 60 * float(value)
+    match = DURATION.fullmatch(value)
+    if not value or match is None or not any(match.groups()):
+        raise ValueError(f"budget must be a duration such as 90s, 30m, 2h or 1h30m; got {text!r}")
+    hours, minutes, seconds = (float(group) if group else 0.0 for group in match.groups())
+    if 3600 * hours + 60 * minutes + seconds <= 0:
+        raise ValueError(f"budget must be longer than nothing; got {text!r}")
+    return 3600 * hours + 60 * minutes + seconds
 
 
 # ------------------------------------------------------------------ checks

@@ -100,6 +100,19 @@ def pinned(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.pin_memory() if device.type == "cuda" else images
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until the device has finished its queued work (timing asynchronous devices); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def rng_devices(device: torch.device) -> list:
+    """The CUDA devices whose generators ``torch.random.fork_rng`` must save besides the CPU's (none elsewhere)."""
+    return [device] if device.type == "cuda" else []
+
+
 def distributed_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 

@@ -22,6 +22,8 @@ every epoch; only rank 0 writes files and logs.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 import sys
@@ -39,7 +41,8 @@ from tqdm import tqdm
 from vitcraft import checkpoint as ckpt
 from vitcraft import runs
 from vitcraft.augment import BatchAugment, Normalization
-from vitcraft.config import TrainConfig
+from vitcraft.budget import FIGURE_SECONDS, Deadline, plan
+from vitcraft.config import TrainConfig, duration_seconds
 from vitcraft.data import ImageTensorDataset, StreamingImages, derive_seed, epoch_indices, iterate_batches, load_splits
 from vitcraft.deit_augment import DeiTAugment
 from vitcraft.device import (
@@ -51,6 +54,8 @@ from vitcraft.device import (
     keep_freed_memory,
     pick_device,
     pinned,
+    rng_devices,
+    synchronize,
 )
 from vitcraft.distill import Distiller, load_teacher
 from vitcraft.ema import ModelEma
@@ -387,6 +392,10 @@ class Training:
     start_epoch: int = 0
     step: int = 0  # optimizer steps taken
     ema: ModelEma | None = None  # the weights' moving average (--ema)
+    started: float = 0.0  # time.perf_counter() when this process began the run
+    elapsed_before: float = 0.0  # seconds the run took before this process resumed it
+    deadline: Deadline | None = None  # --budget: when the run must have ended
+    stopped_early: bool = False  # the deadline came before the planned steps had run
 
     @property
     def cfg(self) -> TrainConfig:
@@ -413,9 +422,81 @@ class EpochSums:
     train_seconds: float
 
 
+# ------------------------------------------------------------------ budget
+CALIBRATION_STEPS = 4  # timed after one more that warms up (allocations, the libraries' choice of kernels)
+
+
+def calibrate(t: Training) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluation of the test split) of this run, measured on copies.
+
+    The steps train a copy of the model with its own optimizer on the run's
+    first batches, under forked random generators, so the run itself starts
+    exactly as it would without a budget; the evaluation runs on a part of the
+    test split, scaled up. Under torchrun the ranks' figures are averaged, so
+    that every rank plans alike.
+    """
+    model = copy.deepcopy(t.model)
+    trial = dataclasses.replace(t, model=model, ddp_model=model, optimizer=build_optimizer(model, t.cfg), ema=None,
+                                scaler=grad_scaler(t.device, t.dtype))
+    order = epoch_indices(len(t.train_set), t.cfg.seed, 0, rank=t.ddp.rank, world_size=t.ddp.world_size)
+    generator = torch.Generator().manual_seed(0)
+    seconds = []
+    with torch.random.fork_rng(devices=rng_devices(t.device)):
+        model.train()
+        for images, labels in iterate_batches(t.train_set, order[:(CALIBRATION_STEPS + 1) * t.local_batch],
+                                              t.local_batch):
+            started = time.perf_counter()
+            images = t.augment(t.extra.policy(images, generator), generator)
+            train_step(trial, images, labels, t.cfg.learning_rate, generator, t.test_set.image_size)
+            synchronize(t.device)
+            seconds.append(time.perf_counter() - started)
+        part = min(len(t.test_set), 2 * t.cfg.eval_batch_size)
+        subset = ImageTensorDataset(t.test_set.images[:part], t.test_set.labels[:part], t.test_set.class_names)
+        started = time.perf_counter()
+        evaluate(model, subset, t.normalization, t.device, t.dtype, t.cfg.eval_batch_size)
+        synchronize(t.device)
+        # each rank evaluates its share of the split
+        eval_seconds = (time.perf_counter() - started) * len(t.test_set) / part / t.ddp.world_size
+    step_seconds = sorted(seconds[1:] or seconds)[len(seconds[1:] or seconds) // 2]  # the median
+    figures = t.ddp.all_reduce_sum(torch.tensor([step_seconds, eval_seconds], dtype=torch.float64, device=t.device))
+    return figures[0] / t.ddp.world_size, figures[1] / t.ddp.world_size
+
+
+def plan_budget(t: Training, started: float, figures: bool, log: Callable[[str], None]) -> None:
+    """Fit a new run to its ``--budget``, counted from ``started``: plan its steps, set its epochs, max_steps and
+    deadline (``budget.plan``), and log the plan."""
+    step_seconds, eval_seconds = calibrate(t)
+    final = eval_seconds + FIGURE_SECONDS if figures else 0.0  # the figures evaluate the test split once more
+    available = duration_seconds(t.cfg.budget) - (time.perf_counter() - started)
+    planned = plan(available, step_seconds, eval_seconds, t.steps_per_epoch, final)
+    steps = min(planned.steps, t.cfg.max_steps or planned.steps)
+    t.run = dataclasses.replace(t.run, train=dataclasses.replace(
+        t.cfg, epochs=math.ceil(steps / t.steps_per_epoch), max_steps=steps))  # run.json records the plan
+    t.total_steps = steps
+    t.deadline = Deadline(available, step_seconds, eval_seconds + final)
+    log(planned.line() + (f"; capped at --max-steps {steps:,}" if steps < planned.steps else ""))
+
+
+def resume_budget(t: Training, figures: bool) -> None:
+    """The deadline of a resumed run: its budget less the time it took until its last epoch ended, from now.
+
+    Its plan (epochs, max_steps) is in its run.json; the seconds per step and per evaluation come from its last
+    epoch's record.
+    """
+    last = t.history[-1] if t.history else None
+    step_seconds = last["train_seconds"] / max(1, min(t.steps_per_epoch, last["step"])) if last else 0.0
+    eval_seconds = last["epoch_seconds"] - last["train_seconds"] if last else 0.0
+    left = duration_seconds(t.cfg.budget) - t.elapsed_before - (time.perf_counter() - t.started)
+    t.deadline = Deadline(left, step_seconds, eval_seconds + (eval_seconds + FIGURE_SECONDS if figures else 0.0))
+
+
 def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figures: bool,
-           log: Callable[[str], None]) -> Training:
-    """Everything a run trains with; a resumed run's state from its checkpoint, a new run's run.json."""
+           log: Callable[[str], None], started: float | None = None) -> Training:
+    """Everything a run trains with; a resumed run's state from its checkpoint, a new run's run.json.
+
+    ``started``: when the run began (``time.perf_counter()``), where its ``--budget`` counts from (default: now).
+    """
+    started = time.perf_counter() if started is None else started
     cfg = run.train
     ddp, device = _setup_distributed(cfg)
     ddp.run_on_main(lambda: runs.prepare_run_dir(out_dir, resume=resume, overwrite=overwrite))
@@ -487,10 +568,20 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
                  test_set=test_set, normalization=normalization, model=model, ddp_model=model,
                  optimizer=optimizer, scaler=grad_scaler(device, dtype), augment=augment, extra=extra,
                  distiller=distiller, local_batch=local_batch, steps_per_epoch=steps_per_epoch,
-                 total_steps=total_steps, metadata=metadata, ema=ema)
+                 total_steps=total_steps, metadata=metadata, ema=ema, started=started)
+    if cfg.budget is not None and not resume:  # before run.json, which records the plan
+        plan_budget(t, started, figures, log if ddp.is_main else lambda _: None)
+    if t.cfg.warmup_fraction is not None:  # now that the steps are known
+        t.run = dataclasses.replace(t.run, train=dataclasses.replace(
+            t.cfg, warmup_fraction=None, warmup_steps=math.ceil(t.cfg.warmup_fraction * t.total_steps)))
     if resume:
         state = ckpt.load_checkpoint(out_dir, model, optimizer, t.scaler, ema)
         t.start_epoch, t.step, t.history = state["epoch"], state["step"], state["history"]
+        # older records have no elapsed_seconds: their epochs' own time
+        t.elapsed_before = t.history[-1].get("elapsed_seconds", sum(r["epoch_seconds"] for r in t.history)) \
+            if t.history else 0.0
+        if cfg.budget is not None:
+            resume_budget(t, figures)
         if ddp.is_main:
             # a kill between the checkpoint and the files after it leaves those a step behind:
             # bring them back in line with the checkpoint (also when no epoch is left to run)
@@ -499,7 +590,7 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
             log(f"resuming {out_dir} after epoch {t.start_epoch} (step {t.step})")
     elif ddp.is_main:
         init = {"init": init_report.to_dict()} if init_report else {}
-        atomic_write_json(out_dir / runs.RUN_CONFIG_FILE, {"run": run.to_dict(), **metadata, **skipped, **init})
+        atomic_write_json(out_dir / runs.RUN_CONFIG_FILE, {"run": t.run.to_dict(), **metadata, **skipped, **init})
     if ddp.is_main:
         for split, errors in skipped.get("skipped_images", {}).items():
             log_skipped(log, f"the {split} split", errors)
@@ -536,6 +627,48 @@ def _raise_if_diverged(loss_sum: float, first_step: int, last_step: int, epoch: 
         f"{out_dir} is kept (--resume continues from it)")
 
 
+def train_step(t: Training, images: torch.Tensor, labels: torch.Tensor, lr: float, mixer: torch.Generator,
+               image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step at learning rate ``lr`` on a batch augmented on the CPU; (loss, logits, labels on the device).
+
+    images: normalised float (B, C, H, W), resized to ``image_size`` (progressive resizing) on the device, then
+    erased and mixed (drawing from ``mixer``); labels: (B,) int64.
+    """
+    cfg, device = t.cfg, t.device
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # --layer-decay's scale; a checkpoint's groups may lack it
+    images = resize_batch(images.to(device, non_blocking=True), image_size)  # a no-op at the data's size
+    labels = labels.to(device, non_blocking=True)
+    images, targets = t.extra.erase_and_mix(images, labels, mixer)  # targets: labels or (B, K)
+    with autocast(device, t.dtype):
+        if t.distiller is not None:
+            loss, logits = t.distiller(t.ddp_model, images, targets)
+        else:
+            logits, _ = t.ddp_model(images)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        t.scaler.unscale_(t.optimizer)
+        nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    if t.ema is not None:
+        t.ema.update(t.model)
+    return loss, logits, labels
+
+
+def _out_of_time(t: Training, vote: bool = True) -> bool:
+    """Whether the budget's deadline says stop now. Under torchrun every rank must stop at the same step, so the
+    ranks vote, and only where ``vote`` says (a vote waits for every rank: not at every step)."""
+    if t.ddp.world_size == 1:
+        return t.deadline.must_stop()
+    if not vote:
+        return False
+    votes = t.ddp.all_reduce_sum(torch.tensor([float(t.deadline.must_stop())], device=t.device))
+    return votes[0] > 0
+
+
 def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bool) -> EpochSums:
     """Train epoch ``epoch`` (0-based), or until ``t.total_steps``; its sums over all ranks.
 
@@ -560,6 +693,7 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
     seen, checked_step, lr = 0, t.step, learning_rate_at(t.step, cfg, t.total_steps)
     steps = min(t.steps_per_epoch, t.total_steps - t.step)  # max_steps may end the run inside this epoch
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, dynamic_ncols=True)
+
     def augment(images: torch.Tensor) -> torch.Tensor:
         return pinned(t.augment(t.extra.policy(images, generator), generator), device)
 
@@ -571,28 +705,13 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
     batches = iterate_batches(t.train_set, order[:steps * t.local_batch], t.local_batch, prefetch=True,
                               transform=augment if in_background else None)
     for images, labels in batches:
+        # --budget: stop, evaluate and save; the ranks vote where they read their sums anyway
+        if t.deadline is not None and seen and _out_of_time(t, vote=t.step % board.step_every == 0):
+            t.stopped_early = True
+            break
         images = images if in_background else augment(images)
         lr = learning_rate_at(t.step, cfg, t.total_steps)
-        for group in t.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # --layer-decay's scale; a checkpoint's groups may lack it
-        images = resize_batch(images.to(device, non_blocking=True), image_size)  # progressive resizing
-        labels = labels.to(device, non_blocking=True)
-        images, targets = t.extra.erase_and_mix(images, labels, mixer)  # targets: labels or (B, K)
-        with autocast(device, t.dtype):
-            if t.distiller is not None:
-                loss, logits = t.distiller(t.ddp_model, images, targets)
-            else:
-                logits, _ = t.ddp_model(images)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
-        t.optimizer.zero_grad(set_to_none=True)
-        t.scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            t.scaler.unscale_(t.optimizer)
-            nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
-        if t.ema is not None:
-            t.ema.update(t.model)
+        loss, logits, labels = train_step(t, images, labels, lr, mixer, image_size)
         t.step += 1
         sums[0] += loss.detach() * len(labels)
         sums[1] += (logits.argmax(1) == labels).sum()
@@ -630,6 +749,8 @@ def end_of_epoch(t: Training, epoch: int, sums: EpochSums, board: TensorBoardLog
         "train_acc": sums.correct / sums.seen, "test_loss": result["loss"], "test_acc": result["acc"],
         "test_top5": result["top5"], "lr": sums.lr, "epoch_seconds": time.perf_counter() - sums.started,
         "train_seconds": sums.train_seconds, "images_per_second": sums.seen / sums.train_seconds,
+        # since the run began, set-up included, over all its processes (a resumed run adds to it): what --budget spends
+        "elapsed_seconds": t.elapsed_before + time.perf_counter() - t.started,
     }
     if cfg.progressive_sizes:
         record["image_size"] = sums.image_size
@@ -665,12 +786,16 @@ def train(run: RunConfig, out_dir: Path | str, *, resume: bool = False, overwrit
     tensorboard package installed) scalars also go to ``out_dir/tensorboard``.
     Progress bars show only on a terminal.
     """
-    t = set_up(run, Path(out_dir), resume=resume, overwrite=overwrite, figures=figures, log=log)
+    t = set_up(run, Path(out_dir), resume=resume, overwrite=overwrite, figures=figures, log=log,
+               started=time.perf_counter())
     board = TensorBoardLog(t.out_dir, enabled=tensorboard and t.ddp.is_main, resume_step=t.step)
     show_bar = progress and t.ddp.is_main and sys.stderr.isatty()
     try:
         for epoch in range(t.start_epoch, t.cfg.epochs):
             if t.step >= t.total_steps:  # max_steps
+                break
+            if t.deadline is not None and _out_of_time(t):  # --budget: no time for another epoch
+                t.stopped_early = True
                 break
             sums = train_one_epoch(t, epoch, board, show_bar)
             streamed = t.train_set.images
@@ -678,8 +803,13 @@ def train(run: RunConfig, out_dir: Path | str, *, resume: bool = False, overwrit
                 log_skipped(log, f"the train split in epoch {epoch + 1}", sorted(streamed.skipped))
                 streamed.skipped.clear()
             end_of_epoch(t, epoch, sums, board, log, progress)
+            if t.stopped_early:
+                break
     finally:
         board.close()  # keeps the steps logged before a divergence
+    if t.stopped_early and t.ddp.is_main:
+        log(f"the budget ran out after step {t.step:,} of the {t.total_steps:,} planned (the machine ran slower "
+            f"than calibrated): stopped early, evaluated and saved")
     if t.ddp.is_main and figures:
         from vitcraft.plots import draw_run_figures
 

@@ -1,0 +1,72 @@
+"""Named training recipes: ``vitcraft train --recipe NAME`` and ``vitcraft list-recipes``.
+
+A recipe is a model preset (with overrides) and training settings, a
+starting point as a preset is: a --config file and flags override any of it.
+Pair one with ``--budget`` to fit it to your minutes. Each description states
+what it measured, where and how (``benchmarks/recipes.py`` runs them side by
+side at one budget); a figure without its CPU class is not given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitcraft.errors import VitcraftError
+
+COSINE = {"schedule": "cosine", "warmup_fraction": 0.05, "min_lr": 1e-5}
+DEIT_AUGMENT = {"auto_augment": "randaugment", "random_erasing": 0.25, "mixup_alpha": 0.8, "cutmix_alpha": 1.0,
+                "label_smoothing": 0.1, "weight_decay": 0.05}
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # short budgets underfit
+# the short-budget ViT recipe: cosine from a higher peak, label smoothing, no dropout
+FAST_VIT = {**COSINE, "learning_rate": 2e-3, "grad_clip": 1.0, "label_smoothing": 0.1}
+BF16_MACHINE = "a 2-core x86 CPU with AVX-512 and bf16 units"
+AT_B7DCD93 = f"on {BF16_MACHINE}, at commit b7dcd93 (before the fused kernels, in fp32)"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A model preset with overrides, and the training settings (TrainConfig fields) of one recipe."""
+
+    preset: str
+    train: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)
+    teacher: str | None = None  # the recipe whose run distils into this one (pass its run as --teacher)
+    description: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+    "tutorial": Recipe("seed-tiny", {}, description=(
+        "the tutorial's: constant lr 1e-3, flip and crop, 15 epochs. 54.46% on cifar10-jpeg in 32 s an epoch "
+        f"on {BF16_MACHINE} (docs/performance.md)")),
+    "speedrun": Recipe("seed-tiny", FAST_VIT, model=NO_DROPOUT, description=(
+        "the best pure-ViT recipe for short budgets: the tutorial's ViT without dropout, cosine lr 2e-3, label "
+        "smoothing 0.1, grad clip 1. With --budget 30m on cifar10-jpeg: 74.13% after 81 epochs, 3.8 minutes to the "
+        f"tutorial's 54.9%, on {BF16_MACHINE} (docs/training.md)")),
+    "cosine": Recipe("seed-tiny", {**COSINE, "label_smoothing": 0.1}, description=(
+        "the tutorial's with a cosine schedule and label smoothing 0.1")),
+    "trivialaugment": Recipe("seed-tiny", {**COSINE, "label_smoothing": 0.1, "auto_augment": "trivialaugment"},
+                             description="cosine, label smoothing and TrivialAugment"),
+    "deit-aug": Recipe("seed-tiny", {**COSINE, **DEIT_AUGMENT}, description=(
+        "DeiT's augmentation: RandAugment, random erasing, MixUp/CutMix, label smoothing, weight decay 0.05")),
+    "progressive": Recipe("seed-tiny", {**COSINE, "label_smoothing": 0.1, "progressive_sizes": [16, 24, 32]},
+                          description="cosine and label smoothing, the epochs split between 16, 24 and 32 px"),
+    "cnn-small": Recipe("cnn-small", {**COSINE, "learning_rate": 2e-3}, description="the small CNN teacher"),
+    "cnn-32": Recipe("cnn-small", {**COSINE, "learning_rate": 2e-3, "label_smoothing": 0.1}, model={"width": 32},
+                     description=f"the small CNN at width 32 (not a ViT): 82.64% in 30 minutes {AT_B7DCD93} (the "
+                                 f"CNN in bf16), 3.1 minutes to the tutorial's 54.9%"),
+    "deit-hard": Recipe("deit-seed-tiny", {**COSINE, "label_smoothing": 0.1, "distillation": "hard"},
+                        teacher="cnn-small", description="DeiT's hard distillation from a cnn-small run"),
+    "deit-soft": Recipe("deit-seed-tiny", {**COSINE, "label_smoothing": 0.1, "distillation": "soft"},
+                        teacher="cnn-small", description="DeiT's soft distillation from a cnn-small run"),
+    "deit-fast": Recipe("deit-seed-tiny", {**FAST_VIT, "distillation": "hard"}, model=NO_DROPOUT, teacher="cnn-32",
+                        description=f"speedrun plus hard distillation from a cnn-32 run: 59.76% in 30 minutes "
+                                    f"{AT_B7DCD93}, 16.7 minutes to 54.9%"),
+}
+DEFAULT_RECIPE = "tutorial"
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise VitcraftError(f"unknown recipe {name!r}; the recipes: {', '.join(RECIPES)} (vitcraft list-recipes)")
+    return RECIPES[name]
