@@ -51,6 +51,8 @@ def plan(available: float, step_seconds: float, eval_seconds: float, steps_per_e
 
     At least one step: a budget too short for even that is an error.
     """
+    step_seconds = max(step_seconds, 1e-6)  # a clock too coarse to see a step must not plan without end
+
     def cost(steps: int) -> float:
         return steps * step_seconds + math.ceil(steps / steps_per_epoch) * eval_seconds + final_seconds
 
