@@ -107,7 +107,8 @@ def vitcraft_batches(root: Path, cache: Path, stream: bool, epoch: int):
     return ((augment(images, generator), labels) for images, labels in batches), len(train)
 
 
-def run_pipeline(name: str, root: str, cache: str, train_model: bool, result: multiprocessing.Queue) -> None:
+def run_pipeline(name: str, root: str, cache: str, train_model: bool, precision: str,
+                 result: multiprocessing.Queue) -> None:
     """In a fresh process: one epoch of ``name``'s pipeline, alone or feeding a training step; puts images/s."""
     from vitcraft.device import autocast, autocast_dtype, keep_freed_memory
 
@@ -115,7 +116,7 @@ def run_pipeline(name: str, root: str, cache: str, train_model: bool, result: mu
     torch.manual_seed(0)
     model = small_vit() if train_model else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3) if model else None
-    dtype = autocast_dtype(torch.device("cpu"), "auto")
+    dtype = autocast_dtype(torch.device("cpu"), precision)
     root_path = Path(root)
     if name == "torchvision":
         batches, count = torchvision_batches(root_path, 0)
@@ -153,7 +154,8 @@ from vitcraft.runs import RunConfig
 from vitcraft.train import train
 model = {model}
 # evaluation's batches are the largest tensors at 224 px: 128 images keep them well below the limit
-run = RunConfig(preset="seed-tiny", model=model, train=TrainConfig(epochs=1, batch_size={batch}, eval_batch_size=128),
+run = RunConfig(preset="seed-tiny", model=model, train=TrainConfig(epochs=1, batch_size={batch}, eval_batch_size=128,
+                                                               precision="{precision}"),
                 data=DataConfig(data=sys.argv[1], cache_dir=sys.argv[2], image_size={size}, crop_pct={crop_pct}))
 train(run, sys.argv[3], progress=False, figures=False, tensorboard=False, log=lambda *_: None)
 """
@@ -183,9 +185,10 @@ def status_kb(pid: int, field: str) -> int:
     return int(line.split()[1]) if line else 0
 
 
-def memory_run(root: Path, cache: Path, limit_mb: int) -> dict:
+def memory_run(root: Path, cache: Path, limit_mb: int, precision: str) -> dict:
     """Train one epoch on the cached split in a cgroup of ``limit_mb``; peak RssAnon / RssFile (MB), seconds."""
-    script = TRAIN_SCRIPT.format(model=SMALL_VIT, batch=BATCH, size=IMAGE_SIZE, crop_pct=CROP_PCT)
+    script = TRAIN_SCRIPT.format(model=SMALL_VIT, batch=BATCH, size=IMAGE_SIZE, crop_pct=CROP_PCT,
+                                 precision=precision)
     cgroup = make_cgroup(limit_mb * 2**20) if limit_mb else None
     # the cache's pages, still in the page cache from the build, count against the build's cgroup: dropped,
     # the training process reads them again, into its own limit
@@ -237,6 +240,9 @@ def main() -> None:
     parser.add_argument("--memory-limit-mb", type=int, default=2000, help="0: measure without a limit")
     parser.add_argument("--skip-training", action="store_true", help="time the pipelines alone only")
     parser.add_argument("--memory-only", action="store_true", help="only the memory run (after the cache build)")
+    parser.add_argument("--skip-memory", action="store_true", help="no memory run")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="the small ViT's autocast (fp32 under ../shared/tools/as-avx2-cpu)")
     args = parser.parse_args()
 
     print(describe())
@@ -265,12 +271,14 @@ def main() -> None:
     rows = {}
     for train_model in () if args.memory_only else (False,) if args.skip_training else (False, True):
         for name in names:
-            rows[name, train_model] = in_fresh_process(name, str(root), str(cache), train_model)[0]
+            rows[name, train_model] = in_fresh_process(name, str(root), str(cache), train_model, args.precision)[0]
             print(f"  {name:<20} {'training epoch' if train_model else 'pipeline alone':<15} "
                   f"{rows[name, train_model]:7.0f} images/s", flush=True)
     if rows:
         print_table(names, rows, args.skip_training)
-    memory = memory_run(root, cache, args.memory_limit_mb)
+    if args.skip_memory:
+        return
+    memory = memory_run(root, cache, args.memory_limit_mb, args.precision)
     train_mb = (decoded - IMAGE_SIZE * IMAGE_SIZE * 3 * args.test_images) / 2**20
     where = (f"in a memory cgroup limited to {args.memory_limit_mb} MB" if memory["limited"]
              else "without a memory limit (--memory-limit-mb 0, or no cgroup could be made here)")
