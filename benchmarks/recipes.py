@@ -43,12 +43,10 @@ CLI_FLAGS = {"learning_rate": "--lr", "num_threads": "--threads"}  # train setti
 def settings_for(recipe: str, steps: int | None, steps_per_epoch: int, teacher_dir: Path | None,
                  threads: int | None, batch_size: int) -> dict[str, Any]:
     """The TrainConfig settings of a recipe, for ``steps`` optimizer steps (None: its own epochs)."""
-    settings = dict(RECIPES[recipe].train)
-    warmup_fraction = settings.pop("warmup_fraction", 0.0)
+    settings = dict(RECIPES[recipe].train)  # a warmup_fraction: training resolves it from the steps
     settings.update(batch_size=batch_size, num_threads=threads)
     if steps is not None:
-        settings.update(epochs=math.ceil(steps / steps_per_epoch), max_steps=steps,
-                        warmup_steps=math.ceil(warmup_fraction * steps))
+        settings.update(epochs=math.ceil(steps / steps_per_epoch), max_steps=steps)
     if teacher_dir is not None:
         settings["teacher"] = str(teacher_dir)
     return {k: v for k, v in settings.items() if v is not None}

@@ -38,10 +38,11 @@ class Normalization:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) or float in [0, 1] -> normalised float32 (B, C, H, W)."""
+        x = images.float()
         if images.dtype == torch.uint8:
-            return self.from_pixels(images.float())
-        mean, std = self._stats(images.float())
-        return (images.float() - mean) / std
+            return self.from_pixels(x)
+        mean, std = self._stats(x)
+        return (x - mean) / std
 
     def from_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Float pixel values in [0, 255] (B, C, H, W) -> normalised, the scaling to [0, 1] folded in."""

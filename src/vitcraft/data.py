@@ -472,14 +472,15 @@ def _build_cache(cache_file: Path, source: ImageSource, skip_bad: bool, workers:
     images_file = cache_file.with_suffix(CACHE_IMAGES_SUFFIX)
     nbytes = source.layout.nbytes(len(source))
     bad: list[tuple[int, str]] = []
+    kept = list(range(len(source)))
 
     def decode(temp: str) -> None:
         _reserve(temp, nbytes)
         bad.extend(_decode_into(temp, source, skip_bad, workers))
         if bad:  # move the good rows up over the skipped ones, in place, then cut the tail
-            rows = np.memmap(temp, dtype=np.uint8, mode="r+", shape=source.layout.shape(len(source)))
             skipped = {i for i, _ in bad}
-            kept = [i for i in range(len(source)) if i not in skipped]
+            kept[:] = [i for i in kept if i not in skipped]
+            rows = np.memmap(temp, dtype=np.uint8, mode="r+", shape=source.layout.shape(len(source)))
             for row, i in enumerate(kept):
                 if row != i:
                     rows[row] = rows[i]
@@ -489,20 +490,19 @@ def _build_cache(cache_file: Path, source: ImageSource, skip_bad: bool, workers:
 
     try:
         atomic_write(images_file, decode)
-        keep = torch.ones(len(source), dtype=torch.bool)
-        keep[[i for i, _ in bad]] = False
-        metadata = {"class_names": json.dumps(source.class_names),
-                    "shape": json.dumps(source.layout.shape(int(keep.sum()))),
+        metadata = {"class_names": json.dumps(source.class_names), "shape": json.dumps(source.layout.shape(len(kept))),
                     "skipped": json.dumps([error for _, error in bad])}
-        save_tensors_atomic(cache_file, {"labels": source.labels[keep]}, metadata)
+        save_tensors_atomic(cache_file, {"labels": source.labels[kept]}, metadata)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise _disk_full(cache_file.parent, nbytes) from None
         raise
 
 
-def _cached(cache_file: Path, source: ImageSource, skip_bad: bool, workers: int) -> ImageTensorDataset:
-    """The split of ``source`` from its cache at ``cache_file``, built first if there is none.
+def _cached(cache_file: Path, source: ImageSource, skip_bad: bool, workers: int,
+            found: ImageTensorDataset | None) -> ImageTensorDataset:
+    """The split of ``source`` from its cache at ``cache_file`` (``found``: what ``_read_cache`` read there
+    already, if anything), built first if there is none.
 
     The images live in a raw file beside ``cache_file`` (suffix .u8) that is
     memory-mapped: batches are read from the page cache by index, so a large
@@ -510,7 +510,7 @@ def _cached(cache_file: Path, source: ImageSource, skip_bad: bool, workers: int)
     torchrun rank) shares the same pages. Two processes building the same
     cache take turns: the second finds the first's.
     """
-    dataset = _read_cache(cache_file)
+    dataset = found
     if dataset is None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with _build_lock(cache_file.with_suffix(".lock")):
@@ -647,8 +647,7 @@ def _hf_sources(data: str, image_size: int | None, crop_pct: float | None,
                             f"{test_classes} vs {train_classes}")
     with _decoding(f"0 of {wheres['train']}"):
         mode, probed_size, square = probe_image(splits["train"][0][columns["train"][0]])
-    if not square and crop_pct is None:
-        _say_squashed(data, log)
+    _say_if_squashed(data, square, crop_pct, log)
     size = image_size or probed_size
     prefix = re.sub(r"[^\w.-]+", "-", cache_name)  # a hub name's "/" and a config's odd characters
     sources = (HubSource(splits[name], wheres[name], Layout.of(mode, size, crop_pct, role), f"{source}|{name}")
@@ -776,8 +775,7 @@ def load_splits(data: str, data_root: Path | None = None, image_size: int | None
         root = Path(data).expanduser()
         train_dir, test_dir = find_split_dirs(root)
         mode, probed_size, square = probe_folder(root)
-        if not square and crop_pct is None:
-            _say_squashed(data, log)
+        _say_if_squashed(data, square, crop_pct, log)
         size = image_size or probed_size
         sources = tuple(FolderSource(folder, Layout.of(mode, size, crop_pct, split))
                         for folder, split in ((train_dir, "train"), (test_dir, "test")))
@@ -787,9 +785,9 @@ def load_splits(data: str, data_root: Path | None = None, image_size: int | None
         names = [f"{folder.parent.name}-{folder.name}-{_folder_fingerprint(folder, source.layout)}"
                  for folder, source in zip((train_dir, test_dir), sources)]
     cache_files = [cache_dir / f"{name}.safetensors" for name in names]
+    found = [None if stream else _read_cache(file) for file in cache_files]
     if not stream:
-        needed = sum(source.layout.nbytes(len(source)) for source, file in zip(sources, cache_files)
-                     if _read_cache(file) is None)
+        needed = sum(source.layout.nbytes(len(source)) for source, cached in zip(sources, found) if cached is None)
         free = _free_bytes(cache_dir)
         if needed > free:
             log(f"the decode cache would take {needed / 1e9:.2f} GB but {cache_dir} has {free / 1e9:.2f} GB free: "
@@ -798,11 +796,14 @@ def load_splits(data: str, data_root: Path | None = None, image_size: int | None
     if stream:
         return tuple(ImageTensorDataset(StreamingImages(source, workers, skip_bad_images), source.labels,
                                         source.class_names) for source in sources)
-    splits = tuple(_cached(file, source, skip_bad_images, workers) for file, source in zip(cache_files, sources))
-    return splits
+    return tuple(_cached(file, source, skip_bad_images, workers, cached)
+                 for file, source, cached in zip(cache_files, sources, found))
 
 
-def _say_squashed(data: str, log: Callable[[str], None]) -> None:
+def _say_if_squashed(data: str, square: bool, crop_pct: float | None, log: Callable[[str], None]) -> None:
+    """Say that the images will be squashed, if they are not square and no crop_pct keeps their shape."""
+    if square or crop_pct is not None:
+        return
     log(f"the images of {data} are not square (the first is not): without crop_pct each is squashed to a square; "
         f"crop_pct=1.0 resizes the shorter side and keeps the centre square (what vitcraft train does)")
 

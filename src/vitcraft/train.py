@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -457,16 +458,21 @@ def calibrate(t: Training) -> tuple[float, float]:
         synchronize(t.device)
         # each rank evaluates its share of the split
         eval_seconds = (time.perf_counter() - started) * len(t.test_set) / part / t.ddp.world_size
-    step_seconds = sorted(seconds[1:] or seconds)[len(seconds[1:] or seconds) // 2]  # the median
+    step_seconds = statistics.median(seconds[1:] or seconds)  # the first warmed up
     figures = t.ddp.all_reduce_sum(torch.tensor([step_seconds, eval_seconds], dtype=torch.float64, device=t.device))
     return figures[0] / t.ddp.world_size, figures[1] / t.ddp.world_size
+
+
+def _after_last_epoch(eval_seconds: float, figures: bool) -> float:
+    """What a run does after its last epoch's evaluation: the figures, which evaluate the test split once more."""
+    return eval_seconds + FIGURE_SECONDS if figures else 0.0
 
 
 def plan_budget(t: Training, started: float, figures: bool, log: Callable[[str], None]) -> None:
     """Fit a new run to its ``--budget``, counted from ``started``: plan its steps, set its epochs, max_steps and
     deadline (``budget.plan``), and log the plan."""
     step_seconds, eval_seconds = calibrate(t)
-    final = eval_seconds + FIGURE_SECONDS if figures else 0.0  # the figures evaluate the test split once more
+    final = _after_last_epoch(eval_seconds, figures)
     available = duration_seconds(t.cfg.budget) - (time.perf_counter() - started)
     planned = plan(available, step_seconds, eval_seconds, t.steps_per_epoch, final)
     steps = min(planned.steps, t.cfg.max_steps or planned.steps)
@@ -487,7 +493,7 @@ def resume_budget(t: Training, figures: bool) -> None:
     step_seconds = last["train_seconds"] / max(1, min(t.steps_per_epoch, last["step"])) if last else 0.0
     eval_seconds = last["epoch_seconds"] - last["train_seconds"] if last else 0.0
     left = duration_seconds(t.cfg.budget) - t.elapsed_before - (time.perf_counter() - t.started)
-    t.deadline = Deadline(left, step_seconds, eval_seconds + (eval_seconds + FIGURE_SECONDS if figures else 0.0))
+    t.deadline = Deadline(left, step_seconds, eval_seconds + _after_last_epoch(eval_seconds, figures))
 
 
 def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figures: bool,
