@@ -42,6 +42,7 @@ def test_the_deadline_keeps_room_for_the_last_step_and_what_follows():
     deadline = Deadline(10.0, step_seconds=1.0, reserve=3.0, clock=lambda: now[0])
     now[0] = 105.9
     assert not deadline.must_stop()  # 4.1 s left: one step and the reserve
+    assert deadline.must_stop(steps=2)  # torchrun's ranks look every few steps: those must fit too
     now[0] = 106.1
     assert deadline.must_stop()
 

@@ -83,5 +83,6 @@ class Deadline:
     def left(self) -> float:
         return self.end - self.clock()
 
-    def must_stop(self) -> bool:
-        return self.left() < self.step_seconds + self.reserve
+    def must_stop(self, steps: int = 1) -> bool:
+        """Whether ``steps`` more steps (those until the next look at the clock) would eat into the reserve."""
+        return self.left() < steps * self.step_seconds + self.reserve

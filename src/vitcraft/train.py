@@ -664,15 +664,16 @@ def train_step(t: Training, images: torch.Tensor, labels: torch.Tensor, lr: floa
     return loss, logits, labels
 
 
-def _out_of_time(t: Training, vote: bool = True) -> bool:
+def _out_of_time(t: Training, board: TensorBoardLog, vote: bool = True) -> bool:
     """Whether the budget's deadline says stop now. Under torchrun every rank must stop at the same step, so the
-    ranks vote, and only where ``vote`` says (a vote waits for every rank: not at every step)."""
+    ranks vote, and only where ``vote`` says (a vote waits for every rank: every ``board.step_every`` steps);
+    each vote then asks whether the steps until the next one still fit."""
     if t.ddp.world_size == 1:
         return t.deadline.must_stop()
     if not vote:
         return False
-    votes = t.ddp.all_reduce_sum(torch.tensor([float(t.deadline.must_stop())], device=t.device))
-    return votes[0] > 0
+    late = t.deadline.must_stop(steps=board.step_every)
+    return t.ddp.all_reduce_sum(torch.tensor([float(late)], device=t.device))[0] > 0
 
 
 def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bool) -> EpochSums:
@@ -712,7 +713,7 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
                               transform=augment if in_background else None)
     for images, labels in batches:
         # --budget: stop, evaluate and save; the ranks vote where they read their sums anyway
-        if t.deadline is not None and seen and _out_of_time(t, vote=t.step % board.step_every == 0):
+        if t.deadline is not None and seen and _out_of_time(t, board, vote=t.step % board.step_every == 0):
             t.stopped_early = True
             break
         images = images if in_background else augment(images)
@@ -800,7 +801,7 @@ def train(run: RunConfig, out_dir: Path | str, *, resume: bool = False, overwrit
         for epoch in range(t.start_epoch, t.cfg.epochs):
             if t.step >= t.total_steps:  # max_steps
                 break
-            if t.deadline is not None and _out_of_time(t):  # --budget: no time for another epoch
+            if t.deadline is not None and _out_of_time(t, board):  # --budget: no time for another epoch
                 t.stopped_early = True
                 break
             sums = train_one_epoch(t, epoch, board, show_bar)
