@@ -51,6 +51,16 @@ def gemm_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int
     return 2 * size**3 / best / 1e9
 
 
+def images_per_second(step, batch: int, steps: int = 5) -> float:
+    """Images per second of ``steps`` calls of ``step()`` (one training step of ``batch`` images each), after one
+    more that warms up (allocations, the libraries' choice of kernels)."""
+    step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - started)
+
+
 def training_flops_per_image(model: torch.nn.Module, images: torch.Tensor) -> float:
     """The FLOPs of one training step (forward and backward) per image, each counted once.
 

@@ -30,7 +30,7 @@ from typing import Any
 from vitcraft.budget import plan
 from vitcraft.config import DataConfig, TrainConfig
 from vitcraft.data import load_splits
-from vitcraft.recipes import RECIPES, Recipe
+from vitcraft.recipes import RECIPES, Recipe, supervised_recipes
 from vitcraft.runs import RunConfig
 from vitcraft.train import train
 
@@ -103,8 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg")
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of each recipe's run")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), metavar="RECIPE",
-                        help=f"recipes to run (default all: {', '.join(RECIPES)})")
+    parser.add_argument("--recipes", nargs="+", default=supervised_recipes(), choices=supervised_recipes(),
+                        metavar="RECIPE", help=f"recipes to run (default all: {', '.join(supervised_recipes())})")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--calibration-steps", type=int, default=10)

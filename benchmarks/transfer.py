@@ -22,13 +22,12 @@ import json
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
+from machine import describe, images_per_second  # noqa: E402
 
 PRETRAIN_CLASSES = ("airplane", "automobile", "bird", "cat", "deer")
 FINETUNE_CLASSES = ("dog", "frog", "horse", "ship", "truck")
@@ -48,11 +47,16 @@ def link_split(data: Path, out: Path, classes: tuple[str, ...], per_class: int |
     return out
 
 
-def run(words: list[str], out: Path) -> dict:
-    """Run ``vitcraft train ...`` (unless its run exists), return its best and last test accuracy."""
+def ensure_run(words: list[str], out: Path) -> None:
+    """Run ``vitcraft ...`` unless its run directory ``out`` holds a finished run's metrics."""
     if not (out / "metrics.jsonl").is_file():
         print("$", shlex.join(words), flush=True)
         subprocess.run([sys.executable, "-m", "vitcraft", *words[1:]], check=True)
+
+
+def run(words: list[str], out: Path) -> dict:
+    """Run ``vitcraft train ...`` (unless its run exists), return its best and last test accuracy."""
+    ensure_run(words, out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"best": max(r["test_acc"] for r in records), "last": records[-1]["test_acc"],
             "steps": records[-1]["step"], "minutes": sum(r["epoch_seconds"] for r in records) / 60,
@@ -72,15 +76,15 @@ def step_speed(freeze: bool, precision: str = "auto", batch: int = 32, steps: in
     optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-4))
     device, images, labels = torch.device("cpu"), torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
     dtype = autocast_dtype(device, precision)
-    for step in range(steps + 1):  # the first step warms up
-        if step == 1:
-            started = time.perf_counter()
+
+    def step() -> None:
         with autocast(device, dtype):
             loss = torch.nn.functional.cross_entropy(model(images)[0].float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return steps * batch / (time.perf_counter() - started)
+
+    return images_per_second(step, batch, steps)
 
 
 def main() -> None:

@@ -8,13 +8,20 @@ import typing
 import pytest
 
 from vitcraft.cli import build_parser, flag_name, run_config_from_args
-from vitcraft.config import DataConfig, DictConfig, TrainConfig, ViTConfig, default_of
+from vitcraft.config import DataConfig, DictConfig, PretrainConfig, TrainConfig, ViTConfig, default_of
 from vitcraft.errors import VitcraftError
 from vitcraft.registry import get_preset, list_models
 from vitcraft.variants import CCTConfig, CNNConfig, SwinConfig
 
 SETTINGS = [(cls, spec) for cls in (TrainConfig, DataConfig) for spec in dataclasses.fields(cls)]
 IDS = [spec.name for _, spec in SETTINGS]
+# with vitcraft pretrain's own, which only that command has
+FLAGS = SETTINGS + [(PretrainConfig, spec) for spec in dataclasses.fields(PretrainConfig)]
+FLAG_IDS = [spec.name for _, spec in FLAGS]
+
+
+def command_of(cls: type) -> str:
+    return "pretrain" if cls is PretrainConfig else "train"
 
 
 def other_value(cls: type, spec: dataclasses.Field) -> tuple[str, object]:
@@ -25,7 +32,7 @@ def other_value(cls: type, spec: dataclasses.Field) -> tuple[str, object]:
     if spec.name == "budget":
         return "90s", "90s"
     if spec.metadata["choices"]:
-        choice = next(c for c in reversed(spec.metadata["choices"]) if c != default)
+        choice = next((c for c in reversed(spec.metadata["choices"]) if c != default), default)  # one choice: it
         return choice, choice
     if kind is bool:
         return "", not default
@@ -48,7 +55,7 @@ def train_args(cls, spec, text: str) -> list[str]:
 
 
 def section(run, cls):
-    return run.train if cls is TrainConfig else run.data
+    return {TrainConfig: run.train, DataConfig: run.data, PretrainConfig: run.pretrain}[cls]
 
 
 def help_text(capsys, *command: str) -> str:
@@ -59,9 +66,9 @@ def help_text(capsys, *command: str) -> str:
 
 
 # ------------------------------------------------------------ flags from fields
-@pytest.mark.parametrize("cls, spec", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("cls, spec", FLAGS, ids=FLAG_IDS)
 def test_every_setting_has_a_flag_with_its_help_and_default(cls, spec, capsys):
-    text = help_text(capsys, "train")
+    text = help_text(capsys, command_of(cls))
     help_words = " ".join(spec.metadata["help"].split())
     assert flag_name(spec) in text and help_words in text
     default = default_of(cls, spec.name)
@@ -72,10 +79,10 @@ def test_every_setting_has_a_flag_with_its_help_and_default(cls, spec, capsys):
         assert f"{help_words} (default: {spec.metadata['none_means']})" in text, "say what unset means"
 
 
-@pytest.mark.parametrize("cls, spec", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("cls, spec", FLAGS, ids=FLAG_IDS)
 def test_a_flag_sets_its_field(cls, spec):
     text, value = other_value(cls, spec)
-    args = build_parser().parse_args(["train", "--teacher", "t", *train_args(cls, spec, text)])
+    args = build_parser().parse_args([command_of(cls), "--teacher", "t", *train_args(cls, spec, text)])
     assert getattr(section(run_config_from_args(args), cls), spec.name) == value
 
 

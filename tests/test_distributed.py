@@ -175,3 +175,34 @@ def test_two_ranks_plan_one_budget_alike_and_end_within_it(data, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # with timings
     assert planned > 3 and records[-1]["step"] <= planned and records[-1]["elapsed_seconds"] <= 20.0
     assert [record["epoch"] for record in records] == list(range(1, len(records) + 1))
+
+
+def test_two_ranks_pretrain_and_evaluate_the_same_masks_as_one(data, tmp_path):
+    """MAE under DDP: the unused classifier must not stall DDP, and the sharded evaluation must hide the same
+    patches of each test image as a one-rank evaluation (its loss equal to float tolerance)."""
+    import json
+
+    import torch
+
+    from vitcraft.augment import Normalization
+    from vitcraft.config import PretrainConfig
+    from vitcraft.data import load_splits
+    from vitcraft.files import load_tensors
+    from vitcraft.mae import MaskedAutoencoder
+    from vitcraft.runs import read_model_config
+    from vitcraft.train import evaluate_reconstruction
+
+    out = tmp_path / "run"
+    result = subprocess.run([*TORCHRUN, "-m", "vitcraft", "pretrain", "--data", str(data), "--out", str(out),
+                             "--epochs", "1", "--decoder-depth", "1", *RUN], capture_output=True, text=True,
+                            timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    preset, config, metadata = read_model_config(out)
+    model = MaskedAutoencoder(preset.builder(config), PretrainConfig(**metadata["pretraining"]))
+    state, _ = load_tensors(out / "checkpoint.safetensors")
+    model.load_state_dict({key[len("model."):]: value for key, value in state.items() if key.startswith("model.")})
+    _, test_set = load_splits(str(data), cache_dir=tmp_path / "cache", crop_pct=1.0)
+    one_rank = evaluate_reconstruction(model, test_set, Normalization(tuple(metadata["mean"]), tuple(metadata["std"])),
+                                       torch.device("cpu"), None)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert abs(record["test_loss"] - one_rank["loss"]) < 1e-5 * max(1.0, one_rank["loss"])

@@ -1,4 +1,4 @@
-"""The ``vitcraft`` command: train, eval, predict, viz, report, serve, export, list-models.
+"""The ``vitcraft`` command: train, pretrain, eval, predict, viz, report, serve, export, list-models.
 
 Each subcommand parses its flags and calls the library; a user's mistake
 ends with one ``vitcraft: error: ...`` line and exit status 2.
@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from vitcraft.config import DataConfig, TrainConfig, default_of
+from vitcraft.config import DataConfig, PretrainConfig, TrainConfig, default_of
 from vitcraft.errors import VitcraftError
 
 EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}  # --format -> default file in the run dir
@@ -113,21 +113,15 @@ def settings_given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
             if getattr(args, spec.name, None) is not None}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from vitcraft.runs import RunConfig  # the --preset flag; runs.py imports torch, which the CLI needs anyway
-
-    parser = argparse.ArgumentParser(prog="vitcraft", description="Build, train and look inside Vision Transformers.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = commands.add_parser("train", help="train a model (default: the seed tutorial's run on CIFAR-10)",
-                            description="Train a model and write its run directory. A flag left out keeps the "
-                                        "--config file's value, else the default shown.")
+def add_run_flags(p: argparse.ArgumentParser, run_config: type, command: str, default_recipe: str) -> None:
+    """The flags of train and pretrain: the run's, the model's, the recipe's (TrainConfig) and the data's."""
     run = p.add_argument_group("run")
-    run.add_argument("--config", metavar="FILE", help="YAML or JSON file with the sections preset, model, train "
-                                                      "and data; keys are the flags' names with underscores")
+    run.add_argument("--config", metavar="FILE", help="YAML or JSON file with the sections preset, model, train, "
+                                                      "data" + (" and pretrain" if command == "pretrain" else "")
+                                                      + "; keys are the flags' names with underscores")
     run.add_argument("--recipe", metavar="NAME", help="start from a named recipe (model and settings; "
                                                       "`vitcraft list-recipes`); --config and flags override it "
-                                                      "(default: tutorial)")
+                                                      f"(default: {default_recipe})")
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<preset>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint, with its "
                                                          "own settings; only --epochs may change")
@@ -136,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-tensorboard", action="store_true",
                      help="do not log scalars to RUN_DIR/tensorboard (logged only if tensorboard is installed)")
     model = p.add_argument_group("model")
-    add_setting_flag(model, RunConfig, "preset")
-    add_setting_flag(model, RunConfig, "init")
+    add_setting_flag(model, run_config, "preset")
+    add_setting_flag(model, run_config, "init")
     model.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="override a model config field, e.g. --model-arg hidden_size=64 (repeatable)")
     recipe = p.add_argument_group("recipe (the train section of --config)")
@@ -145,6 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--no-augment", action="store_true", help="no flip and no random crop "
                                                                   "(flip_p 0, crop_scale null)")
     add_setting_flags(p.add_argument_group("data (the data section of --config)"), DataConfig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vitcraft.recipes import DEFAULT_RECIPE, PRETRAIN_RECIPE
+    from vitcraft.runs import RunConfig  # the --preset flag; runs.py imports torch, which the CLI needs anyway
+
+    parser = argparse.ArgumentParser(prog="vitcraft", description="Build, train and look inside Vision Transformers.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="train a model (default: the seed tutorial's run on CIFAR-10)",
+                            description="Train a model and write its run directory. A flag left out keeps the "
+                                        "--config file's value, else the default shown.")
+    add_run_flags(p, RunConfig, "train", DEFAULT_RECIPE)
+    p.set_defaults(handler=cmd_train)
+
+    p = commands.add_parser("pretrain", help="self-supervised pretraining of a ViT without labels (masked "
+                                             "autoencoders); fine-tune it after with train --init RUN_DIR",
+                            description="Pretrain a ViT's encoder as a masked autoencoder (He et al. 2021) and write "
+                                        "its run directory, as train does; the labels are not used. A flag left out "
+                                        "keeps the --config file's value, else the default shown.")
+    add_run_flags(p, RunConfig, "pretrain", PRETRAIN_RECIPE)
+    add_setting_flags(p.add_argument_group("pretraining (the pretrain section of --config)"), PretrainConfig)
     p.set_defaults(handler=cmd_train)
 
     p = commands.add_parser("eval", help="test loss, top-1/top-5 and per-class accuracy of a run")
@@ -228,16 +244,18 @@ def _parse_model_args(pairs: list[str]) -> dict:
 
 
 def run_config_from_args(args: argparse.Namespace):
-    from vitcraft.recipes import DEFAULT_RECIPE, get_recipe
+    from vitcraft.recipes import DEFAULT_RECIPE, PRETRAIN_RECIPE, get_recipe
     from vitcraft.runs import RunConfig, load_run_config_file
 
-    values = load_run_config_file(args.config) if args.config else {}
+    values = loaded = load_run_config_file(args.config) if args.config else {}
     if (args.init or values.get("init")) and (args.preset or values.get("preset")):
         raise VitcraftError("--init decides the model's shape from its source; leave out --preset (or the config "
                             "file's preset) with it")
     # the recipe is the bottom layer, under the --config file and then the flags; with --init the source decides
     # the model, so only the recipe's training settings apply
-    recipe = get_recipe(getattr(args, "recipe", None) or DEFAULT_RECIPE)
+    pretraining = args.command == "pretrain"
+    recipe = get_recipe(getattr(args, "recipe", None) or (PRETRAIN_RECIPE if pretraining else DEFAULT_RECIPE),
+                        pretrain=pretraining)
     init = args.init or values.get("init")
     given = {**(values.get("train") or {}), **settings_given(args, TrainConfig)}
     train = {**recipe.train, **given}
@@ -249,7 +267,11 @@ def run_config_from_args(args: argparse.Namespace):
               "model": {**({} if init else recipe.model), **(values.get("model") or {}),
                         **_parse_model_args(args.model_arg)},
               "train": train,
-              "data": {**(values.get("data") or {}), **settings_given(args, DataConfig)}}
+              "data": {**(values.get("data") or {}), **settings_given(args, DataConfig)},
+              "pretrain": {**(values.get("pretrain") or {}), **settings_given(args, PretrainConfig)}
+              if pretraining else None}
+    if values["pretrain"] is None and "pretrain" in (loaded or {}):
+        raise VitcraftError(f"{args.config} has a pretrain section: run it with vitcraft pretrain")
     if args.no_augment:
         if args.flip_p is not None or args.crop_scale is not None:
             raise VitcraftError("--no-augment turns the flip and the crop off; leave out --flip-p and --crop-scale "
@@ -263,8 +285,9 @@ def run_config_from_args(args: argparse.Namespace):
 
 def flags_resume_ignores(args: argparse.Namespace) -> list[str]:
     """The flags given with `train --resume` that would not change the resumed run, as typed."""
-    defaults = vars(build_parser().parse_args(["train"]))
-    names = {spec.name: flag_name(spec) for cls in (TrainConfig, DataConfig) for spec in dataclasses.fields(cls)}
+    defaults = vars(build_parser().parse_args([args.command]))
+    names = {spec.name: flag_name(spec) for cls in (TrainConfig, DataConfig, PretrainConfig)
+             for spec in dataclasses.fields(cls)}
     return [names.get(dest, "--" + dest.replace("_", "-")) for dest, value in vars(args).items()
             if dest not in RESUME_FLAGS and value != defaults[dest]]
 
@@ -280,6 +303,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                                 f"does not take {', '.join(ignored)}; only --epochs may change (to train longer)")
         out = Path(args.resume)
         run = load_run_config(out)
+        if (run.pretrain is not None) != (args.command == "pretrain"):
+            other = "pretrain" if run.pretrain is not None else "train"
+            raise VitcraftError(f"{out} is a {other} run: continue it with vitcraft {other} --resume {out}")
         if args.epochs is not None:  # the one thing a resumed run may change: train longer
             run.train.epochs = args.epochs
         train(run, out, resume=True, progress=True, figures=not args.no_figures,

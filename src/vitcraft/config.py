@@ -1,4 +1,5 @@
-"""The configurations: the model's (``ViTConfig``), the recipe's (``TrainConfig``) and the data's (``DataConfig``).
+"""The configurations: the model's (``ViTConfig``), the recipe's (``TrainConfig``), the data's (``DataConfig``) and
+self-supervised pretraining's (``PretrainConfig``).
 
 Each is a typed dataclass whose ``validate`` is made of the ``check_*``
 helpers here, which the variants' model configs use too. ViTConfig's field
@@ -31,6 +32,7 @@ DISTILLATIONS = ("hard", "soft")
 HIDDEN_ACTS = ("gelu_tanh", "gelu")
 POOLINGS = ("cls", "mean")
 FREEZES = ("none", "backbone")
+PRETRAIN_METHODS = ("mae",)
 MAX_SIZE = 2**31  # sizes must fit a 32-bit index, which some kernels use; larger is always a mistake
 
 
@@ -308,6 +310,10 @@ class DataConfig:
                                 "also chosen when the cache would not fit the free disk)")
     workers: int | None = setting(None, "processes that decode images (building the cache, or streaming)",
                                   none_means="one per CPU core")
+    labels_per_class: int | None = setting(
+        None, "train on only this many images of each class of the train split, drawn with --seed (the same ones "
+              "for every run of that seed): a label-efficiency study, such as fine-tuning after pretraining",
+        metavar="N", none_means="all of them")
     skip_bad_images: bool = setting(False, "leave out images that cannot be read, naming them in the log and the "
                                            "run's run.json, instead of stopping at the first")
     mean: list[float] | None = setting(None, "per-channel normalisation mean", none_means="0.5 per channel, as the "
@@ -320,13 +326,47 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise one ValueError naming the first bad field (a VitcraftError when built)."""
-        check_positive_ints(self, ("image_size", "workers"), optional=True)
+        check_positive_ints(self, ("image_size", "workers", "labels_per_class"), optional=True)
         check_bools(self, ("cache", "skip_bad_images"))
         if self.crop_pct is not None and not (_is_number(self.crop_pct) and 0 < self.crop_pct <= 1):
             raise ValueError(f"crop_pct is the fraction of the image kept, so it must be in (0, 1]; "
                              f"got {self.crop_pct!r}")
         if self.std is not None and not all(value > 0 for value in self.std):
             raise ValueError(f"std values divide the pixels, so they must be positive; got {self.std!r}")
+
+
+@dataclass
+class PretrainConfig:
+    """Self-supervised pretraining (``vitcraft pretrain``): masked autoencoders, after He et al. 2021 (mae.py).
+
+    Each field is a ``vitcraft pretrain`` flag and a key of a --config file's pretrain section.
+    """
+
+    method: str = setting("mae", "the self-supervised objective: mae, masked autoencoders", choices=PRETRAIN_METHODS)
+    mask_ratio: float = setting(0.75, "fraction of each image's patches hidden from the encoder", metavar="R")
+    decoder_depth: int = setting(2, "transformer blocks of the decoder, which is dropped after pretraining",
+                                 metavar="N")
+    decoder_width: int | None = setting(None, "token width of the decoder", metavar="N",
+                                        none_means="the encoder's hidden_size")
+    decoder_heads: int | None = setting(None, "attention heads of the decoder", metavar="N",
+                                        none_means="the encoder's num_attention_heads")
+    norm_pix_loss: bool = setting(False, "reconstruct each patch's pixels normalised by the patch's own mean and "
+                                         "variance, as the MAE paper's best models, rather than the pixels")
+    reconstruction_every_epoch: bool = setting(False, "draw reconstruction.png after every epoch (also with "
+                                                      "--no-figures), not only at the end")
+
+    def __post_init__(self) -> None:
+        _validate_settings(self, what="pretrain setting")
+
+    def validate(self) -> None:
+        """Raise one ValueError naming the first bad field (a VitcraftError when built)."""
+        check_choice(self, "method", PRETRAIN_METHODS)
+        if not (_is_number(self.mask_ratio) and 0 < self.mask_ratio < 1):
+            raise ValueError(f"mask_ratio is the fraction of patches hidden, so it must be in (0, 1); "
+                             f"got {self.mask_ratio!r}")
+        check_positive_ints(self, ("decoder_depth",))
+        check_positive_ints(self, ("decoder_width", "decoder_heads"), optional=True)
+        check_bools(self, ("norm_pix_loss", "reconstruction_every_epoch"))
 
 
 DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")

@@ -848,6 +848,31 @@ def resize_dataset(dataset: ImageTensorDataset, image_size: int, crop: int | Non
     return ImageTensorDataset(torch.cat(resized), dataset.labels, dataset.class_names)
 
 
+def per_class_subset(dataset: ImageTensorDataset, count: int, seed: int) -> ImageTensorDataset:
+    """``count`` images of each class (``--labels-per-class``), drawn with ``seed``, kept in the split's order.
+
+    One seeded shuffle of the whole split, then each class's first ``count``:
+    the same images for every run of a seed, whatever the model. The images
+    chosen are read into memory (count x classes of them). A VitcraftError
+    names a class with fewer images, and a streamed split (which reads no
+    image ahead).
+    """
+    if isinstance(dataset.images, StreamingImages):
+        raise VitcraftError("--labels-per-class reads the chosen images into memory, and a streamed split "
+                            "(--no-cache) reads none ahead; leave out --no-cache")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    shuffled_labels = dataset.labels.cpu()[order]
+    chosen = []
+    for label, name in enumerate(dataset.class_names):
+        rows = order[shuffled_labels == label][:count]
+        if len(rows) < count:
+            raise VitcraftError(f"--labels-per-class {count}: class {name!r} has only {len(rows)} training images")
+        chosen.append(rows)
+    keep = torch.cat(chosen).sort().values.to(dataset.labels.device)
+    return ImageTensorDataset(dataset.images.index_select(0, keep.to(dataset.images.device)),
+                              dataset.labels.index_select(0, keep), dataset.class_names, dataset.skipped)
+
+
 def derive_seed(seed: int, *stream: int | str) -> int:
     """The seed of one random stream of a run, from the run's ``seed`` and the stream's name and coordinates.
 

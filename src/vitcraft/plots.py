@@ -197,7 +197,11 @@ def plot_samples(images: torch.Tensor, labels: Sequence[int] | torch.Tensor,
 def _curves_figure(metrics: Sequence[Mapping[str, float]], lrs: Sequence[float]) -> Figure:
     """Build (without saving) the figure of ``plot_curves``."""
     fig = Figure(figsize=CURVES_SIZE, layout="constrained")
-    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+    # a pretraining run (MAE) has a reconstruction loss and no accuracy
+    supervised = any("test_acc" in m for m in metrics) or not metrics
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3) if supervised else (*fig.subplots(1, 2), None)
+    if not supervised:
+        acc_ax, lr_ax = None, acc_ax
 
     def series(key: str) -> tuple[list, list]:
         """(epochs, values) of the epochs that recorded ``key``."""
@@ -208,13 +212,15 @@ def _curves_figure(metrics: Sequence[Mapping[str, float]], lrs: Sequence[float])
         epochs, values = series(key)
         if values:
             loss_ax.plot(epochs, values, marker="o", markersize=3, label=label)
-    loss_ax.set(xlabel="Epoch", ylabel="Cross-entropy loss", title="Training and test loss")
+    loss_ax.set(xlabel="Epoch", ylabel="Cross-entropy loss" if supervised else "Masked-patch mean squared error",
+                title="Training and test loss")
     if loss_ax.lines:
         loss_ax.legend()
 
-    epochs, accuracy = series("test_acc")
-    acc_ax.plot(epochs, [100 * a for a in accuracy], marker="o", markersize=3, color="tab:green")
-    acc_ax.set(xlabel="Epoch", ylabel="Accuracy (%)", title="Test accuracy")
+    if acc_ax is not None:
+        epochs, accuracy = series("test_acc")
+        acc_ax.plot(epochs, [100 * a for a in accuracy], marker="o", markersize=3, color="tab:green")
+        acc_ax.set(xlabel="Epoch", ylabel="Accuracy (%)", title="Test accuracy")
 
     lr_ax.plot(range(len(lrs)), list(lrs), color="tab:purple")
     lr_ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers (short runs: no 0.2)
@@ -225,10 +231,11 @@ def _curves_figure(metrics: Sequence[Mapping[str, float]], lrs: Sequence[float])
     lr_ax.set(xlabel="Optimizer step", ylabel="Learning rate", title="Learning-rate schedule")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
 
-    for ax in (loss_ax, acc_ax, lr_ax):
+    epoch_axes = [ax for ax in (loss_ax, acc_ax) if ax is not None]
+    for ax in (*epoch_axes, lr_ax):
         ax.grid(alpha=0.3)
     epochs = sorted({m["epoch"] for m in metrics if "epoch" in m})
-    for ax in (loss_ax, acc_ax):
+    for ax in epoch_axes:
         if len(epochs) <= 12:
             ax.set_xticks(epochs)  # few epochs: tick each one (the locator would pick 0.96, 0.98, ...)
         else:
@@ -237,7 +244,8 @@ def _curves_figure(metrics: Sequence[Mapping[str, float]], lrs: Sequence[float])
 
 
 def plot_curves(metrics: Sequence[Mapping[str, float]], lrs: Sequence[float], path: str | Path) -> Path:
-    """Three panels: train/test loss per epoch, test accuracy (%) per epoch, learning rate per step.
+    """Three panels: train/test loss per epoch, test accuracy (%) per epoch, learning rate per step; a
+    pretraining run's, which records no accuracy, has the loss and learning-rate panels only.
 
     ``metrics``: one dict per epoch with keys ``epoch``, ``train_loss``,
     ``test_loss`` and ``test_acc`` (a fraction in [0, 1], drawn as %); epochs
@@ -328,6 +336,38 @@ def overlay_examples(dataset: ImageTensorDataset, count: int = NUM_OVERLAYS) -> 
     index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
     images, labels = dataset.images[index.to(dataset.images.device)], dataset.labels[index.to(dataset.labels.device)]
     return images.cpu(), labels.tolist()
+
+
+RECONSTRUCTION_COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")
+
+
+@torch.no_grad()
+def draw_reconstructions(path: Path, model: nn.Module, dataset: ImageTensorDataset, normalization: Normalization,
+                         count: int = 8, seed: int = 0) -> Path:
+    """A masked autoencoder on ``count`` fixed test images: one row each, with the original, the masked input
+    (hidden patches grey), the reconstruction, and the reconstruction with the visible patches pasted back.
+    The masks are drawn with ``seed``, so the figures of one run's epochs are comparable."""
+    model.eval()
+    device = next(model.parameters()).device
+    images, _ = overlay_examples(dataset, count)
+    num_patches = model.encoder.config.num_patches
+    noise = torch.rand(len(images), num_patches, generator=torch.Generator().manual_seed(seed)).to(device)
+    normalised = normalization(images.to(device))
+    hidden, reconstruction, pasted = model.reconstruct(normalised, noise)  # hidden: (B, 1, H, W)
+    original = normalization.undo(normalised)
+    masked = original.masked_fill(hidden, 0.5)  # grey, as MAE's figures show the hidden patches
+    panels = [x.float().cpu() for x in (original, masked, normalization.undo(reconstruction),
+                                        normalization.undo(pasted))]
+    fig = Figure(figsize=(2 * len(RECONSTRUCTION_COLUMNS), 2 * len(images)), layout="constrained")
+    axes = fig.subplots(len(images), len(RECONSTRUCTION_COLUMNS), squeeze=False)
+    for row in range(len(images)):
+        for column, title in enumerate(RECONSTRUCTION_COLUMNS):
+            _show_image(axes[row, column], panels[column][row])
+            if row == 0:
+                axes[row, column].set_title(title, fontsize=10)
+    ratio = model.pretrain.mask_ratio
+    fig.suptitle(f"MAE reconstructions of test images, {100 * ratio:.0f}% of the patches hidden")
+    return _save(fig, path)
 
 
 @torch.no_grad()

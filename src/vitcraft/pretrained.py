@@ -35,10 +35,11 @@ from torch import nn
 from vitcraft import hub
 from vitcraft.errors import VitcraftError
 from vitcraft.files import load_tensors
+from vitcraft.mae import DECODER_PREFIX
 from vitcraft.registry import create_model as create_preset
 from vitcraft.registry import get_preset
 from vitcraft.resize import resample_position_embeddings
-from vitcraft.runs import MODEL_FILE, MODEL_META_FILE, read_model_config
+from vitcraft.runs import DECODER_FILE, MODEL_FILE, MODEL_META_FILE, read_model_config
 from vitcraft.state_dict import load_state_listed
 
 HEAD_PREFIXES = ("classifier.", "distillation_classifier.")  # what the data's classes decide
@@ -82,12 +83,19 @@ class InitReport:
     def lines(self) -> list[str]:
         """What a run prints about its start."""
         kept = "every weight of the source is used" if not self.dropped else \
-            f"dropped from the source: {', '.join(self.dropped)}"
+            f"dropped from the source: {', '.join(summarised(self.dropped))}"
         out = [f"initialised from {self.source} ({self.weights}, sha256 {self.sha256[:12]}...): {kept}"]
         if self.resampled:
             out.append(f"  resampled to fit the data: {', '.join(self.resampled)}")
         out.append(f"  newly initialised: {', '.join(self.new) if self.new else 'nothing'}")
         return out
+
+
+def summarised(keys: list[str]) -> list[str]:
+    """Weight names for a log line, an MAE decoder's many as one entry: ``decoder.* (N weights: the MAE decoder)``."""
+    decoder = [key for key in keys if key.startswith(DECODER_PREFIX)]
+    rest = [key for key in keys if not key.startswith(DECODER_PREFIX)]
+    return rest + ([f"{DECODER_PREFIX}* ({len(decoder)} weights: the MAE decoder)"] if decoder else [])
 
 
 def sha256_of(path: Path) -> str:
@@ -108,6 +116,8 @@ def read_source(source: str | Path) -> Pretrained:
         preset, config, metadata = read_model_config(folder)
         weights = folder / MODEL_FILE
         state, _ = load_tensors(weights)
+        if (folder / DECODER_FILE).is_file():  # a pretraining run's MAE decoder: read, to be listed as dropped
+            state.update(load_tensors(folder / DECODER_FILE)[0])
         return Pretrained(str(source), weights, config, preset.name, state, metadata)
     config, state, weights = hub.read_pretrained(folder)
     return Pretrained(str(source), Path(weights), config, VIT_PRESET, state, hub.load_metadata(folder))
@@ -152,11 +162,12 @@ def model_for_data(pretrained: Pretrained, class_names: list[str], image_size: i
         raise VitcraftError(f"{source} does not fit the data: {error}") from None
     model = pretrained.builder(target)
     state, report = dict(pretrained.state), InitReport(source, str(pretrained.weights), sha256_of(pretrained.weights))
-    if keep_classifier is None:
-        keep_classifier = pretrained.metadata.get("class_names") == list(class_names)
-    if not keep_classifier:  # other classes, or not the same order
-        report.dropped = [key for key in state if key.startswith(HEAD_PREFIXES)]
-        state = {key: value for key, value in state.items() if not key.startswith(HEAD_PREFIXES)}
+    if keep_classifier is None:  # a pretraining run's classifier was never trained
+        keep_classifier = pretrained.metadata.get("class_names") == list(class_names) and \
+            not pretrained.metadata.get("pretraining")
+    dropped = (DECODER_PREFIX,) if keep_classifier else (DECODER_PREFIX, *HEAD_PREFIXES)
+    report.dropped = [key for key in state if key.startswith(dropped)]  # an MAE's decoder; other classes' heads
+    state = {key: value for key, value in state.items() if not key.startswith(dropped)}
     if POSITIONS in state:
         prefix = model.embedding.num_prefix_tokens
         old_grid = (config.image_size // config.patch_size,) * 2
@@ -213,7 +224,8 @@ def create_model(name: str, pretrained: str | Path | None = None, **overrides: A
     model, report = model_for_data(
         source, class_names, overrides.pop("image_size", source.config.image_size),
         overrides.pop("num_channels", source.config.num_channels),
-        keep_classifier=num_classes == source.config.num_classes and f"{HEAD_PREFIXES[0]}weight" in source.state,
+        keep_classifier=num_classes == source.config.num_classes and f"{HEAD_PREFIXES[0]}weight" in source.state
+        and not source.metadata.get("pretraining"),
         **{key: value for key, value in overrides.items() if key not in SHAPE_FIELDS})
     print("\n".join(report.lines()))
     return model

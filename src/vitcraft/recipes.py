@@ -33,6 +33,7 @@ class Recipe:
     model: dict[str, Any] = field(default_factory=dict)
     teacher: str | None = None  # the recipe whose run distils into this one (pass its run as --teacher)
     description: str = ""
+    pretrain: bool = False  # a recipe for vitcraft pretrain, not vitcraft train
 
 
 RECIPES: dict[str, Recipe] = {
@@ -62,11 +63,28 @@ RECIPES: dict[str, Recipe] = {
     "deit-fast": Recipe("deit-seed-tiny", {**FAST_VIT, "distillation": "hard"}, model=NO_DROPOUT, teacher="cnn-32",
                         description=f"speedrun plus hard distillation from a cnn-32 run: 59.76% in 30 minutes "
                                     f"{AT_B7DCD93}, 16.7 minutes to 54.9%"),
+    # after MAE's recipe (He et al. 2021): cosine after a warmup, weight decay 0.05, crops of 20-100% of the
+    # image, no dropout in the encoder
+    "mae": Recipe("seed-tiny", {**COSINE, "learning_rate": 2e-3, "weight_decay": 0.05, "crop_scale": [0.2, 1.0]},
+                  model=NO_DROPOUT, description=(
+                      "masked-autoencoder pretraining for vitcraft pretrain: the tutorial's ViT without dropout, "
+                      "cosine lr 2e-3, weight decay 0.05, crops of 20-100% of the image (docs/pretraining.md)"),
+                  pretrain=True),
 }
 DEFAULT_RECIPE = "tutorial"
+PRETRAIN_RECIPE = "mae"  # vitcraft pretrain's
 
 
-def get_recipe(name: str) -> Recipe:
+def get_recipe(name: str, pretrain: bool = False) -> Recipe:
+    """The recipe ``name`` for ``vitcraft train``, or with ``pretrain`` for ``vitcraft pretrain``."""
     if name not in RECIPES:
         raise VitcraftError(f"unknown recipe {name!r}; the recipes: {', '.join(RECIPES)} (vitcraft list-recipes)")
+    if RECIPES[name].pretrain != pretrain:
+        command, other = ("pretrain", "train") if RECIPES[name].pretrain else ("train", "pretrain")
+        raise VitcraftError(f"recipe {name!r} is for vitcraft {command}, not vitcraft {other}")
     return RECIPES[name]
+
+
+def supervised_recipes() -> list[str]:
+    """The recipes of ``vitcraft train``."""
+    return [name for name, recipe in RECIPES.items() if not recipe.pretrain]

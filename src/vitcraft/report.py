@@ -11,7 +11,7 @@ The page reads what a run directory holds:
   the model is built from ``"model_config"`` (or ``"model"``) and counted;
 * ``metrics.jsonl``: one JSON object per epoch (optional);
 * ``samples.png``, ``curves.png``, ``attention.png``, ``rollout.png``,
-  ``confusion.png`` (each optional, from :mod:`vitcraft.plots`).
+  ``confusion.png``, ``reconstruction.png`` (each optional, from :mod:`vitcraft.plots`).
 
 Figures are embedded as base64 data URIs and the CSS is inline, so the file
 opens anywhere, offline, and can be mailed or archived on its own. Every piece
@@ -49,7 +49,9 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
      "training loss keeps falling means it is starting to memorise the training set "
      "(overfitting). The training loss is measured with augmentation and dropout switched on, "
      "so early on it can sit above the test loss. An accuracy curve that has flattened out says "
-     "that more epochs of the same schedule will help little."),
+     "that more epochs of the same schedule will help little. A pretraining run has no accuracy: its "
+     "losses are the masked autoencoder's mean squared error on the hidden patches, and the middle "
+     "panel is the learning rate."),
     ("attention.png", "Where [CLS] looks (last layer)",
      "Up to ten test images, each overlaid with the attention that the [CLS] token (the token whose "
      "output is classified) pays to every image patch in the last transformer block, averaged "
@@ -74,6 +76,17 @@ FIGURES: tuple[tuple[str, str, str], ...] = (
      "class's accuracy (its diagonal cell divided by its row total). Dark cells off the "
      "diagonal show which classes the model mixes up, typically ones that look alike at low "
      "resolution (in CIFAR-10, cat and dog, or car and truck)."),
+    ("reconstruction.png", "What the masked autoencoder reconstructs (pretraining runs)",
+     "Eight test images, one per row. First the original; then the masked input, the only patches the encoder "
+     "saw (the hidden ones grey, three in four by default, chosen at random but the same every time the figure "
+     "is drawn); then the decoder's prediction of every patch; last that prediction with the visible patches "
+     "pasted back, which shows how the guessed patches fit around the seen ones. The loss is computed only on "
+     "the hidden patches, so the prediction of a visible patch is never trained and may look wrong. Expect "
+     "blurry guesses: the squared error rewards the average of what could be there, and the point of "
+     "pretraining is not sharp pictures but an encoder that has learned what images are made of. With "
+     "norm_pix_loss the decoder predicts each patch's pixels normalised by their own mean and variance; the "
+     "figure maps them back with the original patch's statistics, as the MAE paper's figures do. A prediction "
+     "that is one flat colour everywhere means the model has not learned yet."),
 )
 
 

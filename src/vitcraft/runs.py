@@ -12,6 +12,9 @@ A run directory holds
   run directory is also a model folder (``ViTForClassification.from_pretrained(RUN_DIR)``,
   ``--init RUN_DIR``). Runs written before that keep their run config in
   config.json; they still open, and a resume moves it to run.json first.
+- for a pretraining run (``vitcraft pretrain``): the encoder as the model above (its classifier never
+  trained: eval and the other commands refuse it), the decoder in ``decoder.safetensors``, and
+  ``reconstruction.png``;
 - ``checkpoint.safetensors``: what ``--resume`` needs (checkpoint.py);
 - the figures and ``tensorboard/``.
 Every file is written atomically (files.py).
@@ -30,7 +33,16 @@ from torch import nn
 
 from vitcraft import hub
 from vitcraft.checkpoint import CHECKPOINT_FILE
-from vitcraft.config import DataConfig, TrainConfig, check_keys, check_types, default_of, setting, short_repr
+from vitcraft.config import (
+    DataConfig,
+    PretrainConfig,
+    TrainConfig,
+    check_keys,
+    check_types,
+    default_of,
+    setting,
+    short_repr,
+)
 from vitcraft.errors import VitcraftError
 from vitcraft.files import (
     atomic_write_json,
@@ -40,6 +52,7 @@ from vitcraft.files import (
     remove_stale_temporaries,
     save_tensors_atomic,
 )
+from vitcraft.mae import DECODER_PREFIX, MaskedAutoencoder
 from vitcraft.registry import get_preset
 from vitcraft.state_dict import load_state_checked, unwrap
 from vitcraft.tensorboard_log import TENSORBOARD_DIR, remove_event_files
@@ -49,15 +62,18 @@ OLD_RUN_CONFIG_FILE = hub.CONFIG_NAME  # where runs kept their config before run
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.safetensors"
 MODEL_META_FILE = "model.json"
-FIGURE_FILES = ("samples.png", "curves.png", "attention.png", "rollout.png", "confusion.png")
+DECODER_FILE = "decoder.safetensors"  # a pretraining run's MAE decoder, beside the encoder's model.safetensors
+RECONSTRUCTION_FIGURE = "reconstruction.png"
+FIGURE_FILES = ("samples.png", "curves.png", "attention.png", "rollout.png", "confusion.png", RECONSTRUCTION_FIGURE)
 # files a run writes; --overwrite removes exactly these, nothing else in the folder
-RUN_FILES = (RUN_CONFIG_FILE, METRICS_FILE, MODEL_FILE, MODEL_META_FILE, hub.CONFIG_NAME, CHECKPOINT_FILE,
+RUN_FILES = (RUN_CONFIG_FILE, METRICS_FILE, MODEL_FILE, MODEL_META_FILE, DECODER_FILE, hub.CONFIG_NAME, CHECKPOINT_FILE,
              *FIGURE_FILES, "report.html", TENSORBOARD_DIR)
 
 
 @dataclass
 class RunConfig:
-    """Everything a run needs: model preset and overrides, recipe, data."""
+    """Everything a run needs: model preset and overrides, recipe, data; and for ``vitcraft pretrain`` the
+    self-supervised objective (``pretrain``; None: supervised training)."""
 
     preset: str = setting("seed-tiny", "model preset, one of those `vitcraft list-models` shows", metavar="NAME")
     init: str | None = setting(None, "start from these weights (the model's shape comes from them): a run "
@@ -67,6 +83,7 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)  # ViTConfig overrides on top of the preset (or the source)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig | None = None
 
     def __post_init__(self) -> None:
         # fail on a bad preset name, model key or value type before any data is loaded
@@ -86,8 +103,12 @@ class RunConfig:
         data = values.get("data", {}) or {}
         check_keys(train, [f.name for f in dataclasses.fields(TrainConfig)], what="train setting")
         check_keys(data, [f.name for f in dataclasses.fields(DataConfig)], what="data setting")
+        pretrain = values.get("pretrain")
+        if pretrain is not None:
+            check_keys(pretrain, [f.name for f in dataclasses.fields(PretrainConfig)], what="pretrain setting")
         return cls(preset=values.get("preset", default_of(cls, "preset")), init=values.get("init"),
-                   model=dict(values.get("model", {}) or {}), train=TrainConfig(**train), data=DataConfig(**data))
+                   model=dict(values.get("model", {}) or {}), train=TrainConfig(**train), data=DataConfig(**data),
+                   pretrain=PretrainConfig(**pretrain) if pretrain is not None else None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,11 +120,11 @@ def check_run_sections(values: Any, where: str) -> None:
     if not isinstance(values, Mapping):
         raise VitcraftError(f"{where} must be a mapping with sections preset/model/train/data, "
                             f"got {type(values).__name__}")
-    check_keys(values, ["preset", "init", "model", "train", "data"], what="run config section")
+    check_keys(values, ["preset", "init", "model", "train", "data", "pretrain"], what="run config section")
     for name, what in (("preset", "a model name"), ("init", "a model folder or hub id")):
         if not isinstance(values.get(name) or "", str):
             raise VitcraftError(f"{name} in {where} must be {what}, got {short_repr(values[name])}")
-    for name in ("model", "train", "data"):
+    for name in ("model", "train", "data", "pretrain"):
         if not isinstance(values.get(name) or {}, Mapping):
             raise VitcraftError(f"the {name} section of {where} must be a mapping of settings, "
                                 f"got {short_repr(values[name])}")
@@ -190,9 +211,15 @@ def save_model(run_dir: Path, model: nn.Module, metadata: dict[str, Any]) -> Non
     """Weights to model.safetensors and their description to model.json (each atomic).
 
     A ViT is saved as a hub folder (config.json + fused weights, hub.save_pretrained), so the run directory
-    is a model folder too; other models keep their own state_dict layout.
+    is a model folder too; other models keep their own state_dict layout. A masked autoencoder
+    (``vitcraft pretrain``) saves its encoder so, and its decoder's weights to decoder.safetensors under
+    ``decoder.`` (what ``--init`` lists as dropped).
     """
     run_dir, model = Path(run_dir), unwrap(model)
+    if isinstance(model, MaskedAutoencoder):  # the encoder is the run's model; the decoder goes beside it
+        save_tensors_atomic(run_dir / DECODER_FILE, {f"{DECODER_PREFIX}{key}": value
+                                                     for key, value in model.decoder.state_dict().items()})
+        model = model.encoder
     if getattr(model, "model_type", None) == hub.MODEL_TYPE:
         hub.save_pretrained(model, run_dir, extra_metadata=metadata)
     else:
@@ -232,6 +259,9 @@ def load_trained_model(run_dir: Path | str, device: torch.device | str = "cpu"):
     The metadata holds model_config, class_names, mean and std.
     """
     preset, config, metadata = read_model_config(run_dir)
+    if metadata.get("pretraining"):
+        raise VitcraftError(f"{run_dir} is a {metadata['pretraining']['method'].upper()} pretraining run: its encoder "
+                            f"has no trained classifier. Fine-tune it first: vitcraft train --init {run_dir}")
     model = preset.builder(config)
     load_model_weights(run_dir, model)
     return model.to(device).eval(), metadata

@@ -18,6 +18,11 @@
 
 Under torchrun it trains with DistributedDataParallel, each rank on its shard of
 every epoch; only rank 0 writes files and logs.
+
+``vitcraft pretrain`` runs the same loop with ``run.pretrain`` set: the model is
+a masked autoencoder around the ViT (mae.py), the loss its masked-patch error,
+the test metric that loss on the test split (``evaluate_reconstruction``) and the
+last figure ``reconstruction.png``.
 """
 
 from __future__ import annotations
@@ -44,7 +49,15 @@ from vitcraft import runs
 from vitcraft.augment import BatchAugment, Normalization
 from vitcraft.budget import FIGURE_SECONDS, Deadline, plan
 from vitcraft.config import TrainConfig, duration_seconds
-from vitcraft.data import ImageTensorDataset, StreamingImages, derive_seed, epoch_indices, iterate_batches, load_splits
+from vitcraft.data import (
+    ImageTensorDataset,
+    StreamingImages,
+    derive_seed,
+    epoch_indices,
+    iterate_batches,
+    load_splits,
+    per_class_subset,
+)
 from vitcraft.deit_augment import DeiTAugment
 from vitcraft.device import (
     autocast,
@@ -62,6 +75,7 @@ from vitcraft.distill import Distiller, load_teacher
 from vitcraft.ema import ModelEma
 from vitcraft.errors import VitcraftError
 from vitcraft.files import atomic_write_json
+from vitcraft.mae import MaskedAutoencoder
 from vitcraft.model import Encoder, count_parameters
 from vitcraft.pretrained import Pretrained, model_for_data, read_source, source_normalization
 from vitcraft.registry import get_preset, preset_config
@@ -179,6 +193,32 @@ def drop_path_override(train: TrainConfig, config_class: type, model_name: str) 
         raise VitcraftError(f"--drop-path sets the model's drop_path_rate, and {model_name} ({config_class.__name__}) "
                             f"has no stochastic depth; the ViT, DeiT and Swin presets have it")
     return {"drop_path_rate": train.drop_path}
+
+
+# what `vitcraft pretrain` does not take, with the value that means "off": each needs labels or a classifier
+PRETRAINING_OFF = {"teacher": None, "freeze": "none", "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+                   "layer_decay": None, "ema": None, "progressive_sizes": None}
+
+
+def check_pretraining(run: RunConfig) -> None:
+    """A VitcraftError naming the settings a pretraining run (``run.pretrain``) was given and cannot use."""
+    given = [name for name, off in PRETRAINING_OFF.items() if getattr(run.train, name) != off]
+    given += ["labels_per_class"] if run.data.labels_per_class is not None else []
+    if given:
+        raise VitcraftError(f"vitcraft pretrain learns from the images alone, without labels or a classifier, so it "
+                            f"does not take {', '.join(given)}; fine-tune with them afterwards "
+                            f"(vitcraft train --init RUN_DIR)")
+
+
+def masked_autoencoder(model: nn.Module, run: RunConfig, preset: str) -> MaskedAutoencoder:
+    """The ViT ``model`` inside a masked autoencoder for ``vitcraft pretrain``. Its classifier, which pretraining
+    does not use, is frozen: left out of the optimizer, and not waited for by DistributedDataParallel."""
+    try:
+        autoencoder = MaskedAutoencoder(model, run.pretrain)
+    except ValueError as error:
+        raise VitcraftError(f"model preset {preset!r}: {error}") from None
+    autoencoder.encoder.classifier.requires_grad_(False)
+    return autoencoder
 
 
 def resolve_model_config(run: RunConfig, train_set: ImageTensorDataset, image_size: int | None = None):
@@ -365,6 +405,46 @@ def evaluate(model: nn.Module, dataset: ImageTensorDataset, normalization: Norma
     }
 
 
+EVAL_MASK_SEED = 0  # evaluation hides the same patches of each test image every epoch: comparable losses
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: MaskedAutoencoder, dataset: ImageTensorDataset, normalization: Normalization,
+                            device: torch.device, dtype: torch.dtype | None,
+                            batch_size: int = TrainConfig.eval_batch_size, *, ddp: Distributed = Distributed(),
+                            progress: bool = False) -> dict[str, Any]:
+    """A masked autoencoder's masked-patch loss on a whole split (sharded across ranks): ``{"loss": mean}``.
+
+    Each image's mask is drawn from a generator seeded with ``EVAL_MASK_SEED``, by its index in the split, so
+    every epoch (and rank count) hides the same patches.
+    """
+    model.eval()
+    order = torch.arange(len(dataset))[ddp.rank::ddp.world_size]
+    noise = torch.rand(len(dataset), model.encoder.config.num_patches,
+                       generator=torch.Generator().manual_seed(EVAL_MASK_SEED))  # (N, L)
+    totals = torch.zeros(2, dtype=_sum_dtype(device), device=device)  # loss * images, images
+    batches = iterate_batches(dataset, order, batch_size, prefetch=True, transform=lambda x: pinned(x, device))
+    for start, (images, _) in zip(range(0, len(order), batch_size),
+                                  tqdm(batches, total=math.ceil(len(order) / batch_size), desc="evaluate", leave=False,
+                                       disable=not (progress and ddp.is_main and sys.stderr.isatty()))):
+        images = images.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            loss, _, _ = model(normalization(images), noise[order[start:start + batch_size]].to(device))
+        totals[0] += loss.float() * len(images)
+        totals[1] += len(images)
+    loss_sum, count = ddp.all_reduce_sum(totals)
+    return {"loss": loss_sum / count}
+
+
+def evaluate_run(t: "Training", model: nn.Module, dataset: ImageTensorDataset | None = None,
+                 progress: bool = False, ddp: Distributed | None = None) -> dict[str, Any]:
+    """``evaluate`` (a classifier) or ``evaluate_reconstruction`` (pretraining) of ``model`` on the run's test
+    split, or on ``dataset``, sharded across the run's ranks (or ``ddp``'s)."""
+    measure = evaluate_reconstruction if t.run.pretrain is not None else evaluate
+    return measure(model, dataset or t.test_set, t.normalization, t.device, t.dtype, t.cfg.eval_batch_size,
+                   ddp=ddp or t.ddp, progress=progress)
+
+
 # ------------------------------------------------------------------- train
 @dataclass
 class Training:
@@ -454,7 +534,7 @@ def calibrate(t: Training) -> tuple[float, float]:
         part = min(len(t.test_set), 2 * t.cfg.eval_batch_size)
         subset = ImageTensorDataset(t.test_set.images[:part], t.test_set.labels[:part], t.test_set.class_names)
         started = time.perf_counter()
-        evaluate(model, subset, t.normalization, t.device, t.dtype, t.cfg.eval_batch_size)
+        evaluate_run(t, model, subset, ddp=Distributed())  # this rank's part alone
         synchronize(t.device)
         # each rank evaluates its share of the split
         eval_seconds = (time.perf_counter() - started) * len(t.test_set) / part / t.ddp.world_size
@@ -504,6 +584,8 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
     """
     started = time.perf_counter() if started is None else started
     cfg = run.train
+    if run.pretrain is not None:
+        check_pretraining(run)
     ddp, device = _setup_distributed(cfg)
     ddp.run_on_main(lambda: runs.prepare_run_dir(out_dir, resume=resume, overwrite=overwrite))
     torch.manual_seed(cfg.seed)
@@ -523,6 +605,8 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
         run.data.data, Path(run.data.data_root) if run.data.data_root else None, image_size, cache_dir,
         crop_pct=crop_pct, stream=not run.data.cache, skip_bad_images=run.data.skip_bad_images,
         workers=run.data.workers or available_cpus(), log=log if ddp.is_main else lambda _: None))
+    if run.data.labels_per_class is not None:
+        train_set = per_class_subset(train_set, run.data.labels_per_class, cfg.seed)
     normalization = normalization_for(run, train_set.num_channels, source)
     if device.type != "cpu" and fits_on_device(train_set, test_set):  # no copies per batch
         train_set, test_set = train_set.to(device), test_set.to(device)
@@ -548,6 +632,8 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
     if cfg.progressive_sizes:
         allow_image_sizes(model, cfg.progressive_sizes, preset)
     num_parameters = count_parameters(model)  # all of them: before freezing, which leaves the head's trainable
+    if run.pretrain is not None:
+        model = masked_autoencoder(model, run, preset).to(device)
     if cfg.freeze == "backbone":  # before the optimizer, which leaves frozen weights out
         freeze_backbone(model)
     optimizer = build_optimizer(model, cfg)
@@ -567,6 +653,7 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
         "class_names": train_set.class_names, "mean": list(normalization.mean), "std": list(normalization.std),
         "crop_pct": crop_pct,
         "num_parameters": num_parameters,
+        **({"pretraining": dataclasses.asdict(run.pretrain)} if run.pretrain is not None else {}),
     }
     skipped = {"train": train_set.skipped, "test": test_set.skipped}
     skipped = {"skipped_images": skipped} if any(skipped.values()) else {}  # --skip-bad-images left these out
@@ -603,7 +690,11 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
         for line in init_report.lines() if init_report and not resume else []:
             log(line)
         model_name = f"{metadata['preset']} from {run.init}" if run.init else run.preset
-        log(f"training {model_name} ({metadata['num_parameters']:,} parameters) on {run.data.data}: "
+        model_name += f" ({metadata['num_parameters']:,} parameters)"
+        if run.pretrain is not None:
+            model_name += (f" as a masked autoencoder (mask ratio {run.pretrain.mask_ratio}, decoder of "
+                           f"{count_parameters(model.decoder):,} parameters)")
+        log(f"{'pre' if run.pretrain else ''}training {model_name} on {run.data.data}: "
             f"{len(train_set):,} train / {len(test_set):,} test images, {test_set.image_size}x"
             f"{test_set.image_size}x{train_set.num_channels}, {len(train_set.class_names)} classes; "
             f"device {device}, precision {dtype or torch.float32}, {torch.get_num_threads()} threads, "
@@ -636,6 +727,7 @@ def _raise_if_diverged(loss_sum: float, first_step: int, last_step: int, epoch: 
 def train_step(t: Training, images: torch.Tensor, labels: torch.Tensor, lr: float, mixer: torch.Generator,
                image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step at learning rate ``lr`` on a batch augmented on the CPU; (loss, logits, labels on the device).
+    A pretraining run (a masked autoencoder) has no logits: None.
 
     images: normalised float (B, C, H, W), resized to ``image_size`` (progressive resizing) on the device, then
     erased and mixed (drawing from ``mixer``); labels: (B,) int64.
@@ -649,6 +741,8 @@ def train_step(t: Training, images: torch.Tensor, labels: torch.Tensor, lr: floa
     with autocast(device, t.dtype):
         if t.distiller is not None:
             loss, logits = t.distiller(t.ddp_model, images, targets)
+        elif t.run.pretrain is not None:  # a masked autoencoder: no labels, no logits
+            loss, logits = t.ddp_model(images)[0], None
         else:
             logits, _ = t.ddp_model(images)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
@@ -721,7 +815,8 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
         loss, logits, labels = train_step(t, images, labels, lr, mixer, image_size)
         t.step += 1
         sums[0] += loss.detach() * len(labels)
-        sums[1] += (logits.argmax(1) == labels).sum()
+        if logits is not None:
+            sums[1] += (logits.argmax(1) == labels).sum()
         seen += len(labels)
         bar.update(1)
         if t.step % board.step_every == 0:
@@ -747,14 +842,13 @@ def end_of_epoch(t: Training, epoch: int, sums: EpochSums, board: TensorBoardLog
     accuracy are saved, the raw ones on a tie (``saved``: "ema" or "raw").
     """
     cfg = t.cfg
-    result = evaluate(t.model, t.test_set, t.normalization, t.device, t.dtype, cfg.eval_batch_size,
-                      ddp=t.ddp, progress=progress)
-    averaged = evaluate(t.ema.module, t.test_set, t.normalization, t.device, t.dtype, cfg.eval_batch_size,
-                        ddp=t.ddp, progress=progress) if t.ema is not None else None
+    result = evaluate_run(t, t.model, progress=progress)
+    averaged = evaluate_run(t, t.ema.module, progress=progress) if t.ema is not None else None
+    accuracy = {} if t.run.pretrain is not None else {  # a pretraining run has its loss alone
+        "train_acc": sums.correct / sums.seen, "test_acc": result["acc"], "test_top5": result["top5"]}
     record = {
-        "epoch": epoch + 1, "step": t.step, "train_loss": sums.loss_sum / sums.seen,
-        "train_acc": sums.correct / sums.seen, "test_loss": result["loss"], "test_acc": result["acc"],
-        "test_top5": result["top5"], "lr": sums.lr, "epoch_seconds": time.perf_counter() - sums.started,
+        "epoch": epoch + 1, "step": t.step, "train_loss": sums.loss_sum / sums.seen, "test_loss": result["loss"],
+        **accuracy, "lr": sums.lr, "epoch_seconds": time.perf_counter() - sums.started,
         "train_seconds": sums.train_seconds, "images_per_second": sums.seen / sums.train_seconds,
         # since the run began, set-up included, over all its processes (a resumed run adds to it): what --budget spends
         "elapsed_seconds": t.elapsed_before + time.perf_counter() - t.started,
@@ -773,14 +867,24 @@ def end_of_epoch(t: Training, epoch: int, sums: EpochSums, board: TensorBoardLog
         runs.write_metrics(t.out_dir, t.history)
         log(_epoch_line(record, cfg.epochs))
         board.log_epoch(record)
+        if t.run.pretrain is not None and t.run.pretrain.reconstruction_every_epoch:
+            draw_reconstruction(t)
     return record
+
+
+def draw_reconstruction(t: Training) -> None:
+    """reconstruction.png of a pretraining run: its masked autoencoder on fixed test images."""
+    from vitcraft.plots import draw_reconstructions
+
+    draw_reconstructions(t.out_dir / runs.RECONSTRUCTION_FIGURE, t.model, t.test_set, t.normalization)
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
     ema = (f"ema_test_acc {100 * record['ema_test_acc']:.2f}%  saved {record['saved']}  "
            if "saved" in record else "")
+    accuracy = f"test_acc {100 * record['test_acc']:.2f}%  " if "test_acc" in record else ""
     return (f"epoch {record['epoch']}/{epochs}  train_loss {record['train_loss']:.4f}  "
-            f"test_loss {record['test_loss']:.4f}  test_acc {100 * record['test_acc']:.2f}%  {ema}"
+            f"test_loss {record['test_loss']:.4f}  {accuracy}{ema}"
             f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f}s")
 
 
@@ -818,10 +922,14 @@ def train(run: RunConfig, out_dir: Path | str, *, resume: bool = False, overwrit
         log(f"the budget ran out after step {t.step:,} of the {t.total_steps:,} planned (the machine ran slower "
             f"than calibrated): stopped early, evaluated and saved")
     if t.ddp.is_main and figures:
-        from vitcraft.plots import draw_run_figures
+        from vitcraft.plots import draw_run_figures, plot_curves
 
-        draw_run_figures(t.out_dir, saved_model(t), t.test_set, t.normalization, t.history,
-                         [learning_rate_at(s, t.cfg, t.total_steps) for s in range(t.total_steps)], t.device)
+        lrs = [learning_rate_at(s, t.cfg, t.total_steps) for s in range(t.total_steps)]
+        if t.run.pretrain is not None:
+            plot_curves(t.history, lrs, t.out_dir / "curves.png")
+            draw_reconstruction(t)
+        else:
+            draw_run_figures(t.out_dir, saved_model(t), t.test_set, t.normalization, t.history, lrs, t.device)
     if t.ddp.world_size > 1:
         dist.barrier()  # no rank tears the process group down while rank 0 still draws
     return t.history[-1] if t.history else {}
