@@ -142,7 +142,8 @@ def main() -> None:
     train, test = load_splits(data.data, Path(data.data_root) if data.data_root else None,
                               metadata["model_config"]["image_size"],
                               Path(data.cache_dir) if data.cache_dir else None, crop_pct=metadata.get("crop_pct"))
-    calibration = calibration_images(train.images, normalize, args.calibration_images)  # as `vitcraft export` does
+    # as `vitcraft export` does
+    calibration = calibration_images(train, normalize, args.calibration_images, test.image_size)
     measure(f"{metadata['preset']} from {args.run_dir} ({len(test)} test images)", model, normalize, calibration,
             (test.images, test.labels), args.rounds, args.latency_calls)
     if not args.skip_224:

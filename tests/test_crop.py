@@ -19,7 +19,7 @@ from vitcraft import data as data_module
 from vitcraft.augment import BatchAugment, Normalization
 from vitcraft.cli import _run_test_set, main
 from vitcraft.config import DataConfig
-from vitcraft.data import load_splits
+from vitcraft.data import RaggedImages, load_splits
 from vitcraft.errors import VitcraftError
 
 TARGET, CROP_PCT, RESIZED = 16, 0.8, 20  # RESIZED = floor(TARGET / CROP_PCT), as timm
@@ -48,10 +48,11 @@ def split_files(root, split):
     return [path for name in sorted(CLASSES) for path in sorted((root / split / name).glob("*.png"))]
 
 
-def torchvision_prepared(path, resize_to: int, crop: int) -> torch.Tensor:
-    """timm's evaluation preprocessing of one file, without normalisation: (C, crop, crop) uint8."""
-    prepare = transforms.Compose([transforms.Resize(resize_to, transforms.InterpolationMode.BILINEAR),
-                                  transforms.CenterCrop(crop)])
+def torchvision_prepared(path, resize_to: int, crop: int | None) -> torch.Tensor:
+    """timm's evaluation preprocessing of one file, without normalisation: (C, crop, crop) uint8;
+    without ``crop``, the whole image with its shorter side resized: (C, H, W)."""
+    resize = transforms.Resize(resize_to, transforms.InterpolationMode.BILINEAR)
+    prepare = transforms.Compose([resize, transforms.CenterCrop(crop)]) if crop else resize
     with Image.open(path) as image:
         return torch.from_numpy(np.array(prepare(image.convert("RGB")))).permute(2, 0, 1)
 
@@ -62,25 +63,36 @@ def max_difference(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def test_non_square_images_are_cropped_not_squashed(wide_folder, tmp_path):
     train, test = load_splits(str(wide_folder), image_size=TARGET, cache_dir=tmp_path, crop_pct=CROP_PCT)
-    assert train.images.shape == (6, 3, RESIZED, RESIZED) and test.images.shape == (6, 3, TARGET, TARGET)
+    assert test.images.shape == (6, 3, TARGET, TARGET)
+    # the training images are kept whole, their shorter side resized: landscapes and portraits
+    assert isinstance(train.images, RaggedImages) and train.images.shape == (6, 3, RESIZED, RESIZED)
+    longer = int(RESIZED * 40 / 24)
+    shapes = [tuple(train.images.image(i).shape) for i in range(len(train))]
     for image, path in zip(test.images, split_files(wide_folder, "test")):
         assert max_difference(image, torchvision_prepared(path, RESIZED, TARGET)) <= 1, path
         with Image.open(path) as file:  # the comparison tells the two apart
             squashed = torch.from_numpy(np.array(file.convert("RGB").resize((TARGET, TARGET), Image.BILINEAR)))
         assert (image.float() - squashed.permute(2, 0, 1).float()).abs().mean() > 10
-    for image, path in zip(train.images, split_files(wide_folder, "train")):
-        assert max_difference(image, torchvision_prepared(path, RESIZED, RESIZED)) <= 1, path
+    files = split_files(wide_folder, "train")
+    assert shapes == [(3, RESIZED, longer) if int(path.stem) % 2 == 0 else (3, longer, RESIZED) for path in files]
+    for i, path in enumerate(files):
+        assert max_difference(train.images.image(i), torchvision_prepared(path, RESIZED, None)) <= 1, path
+    assert train.images.nbytes == sum(3 * RESIZED * longer for _ in files)
 
 
 def test_batch_augment_outputs_the_target_size_and_its_centre_crop_is_the_test_image(wide_folder, tmp_path):
     train, test = load_splits(str(wide_folder), image_size=TARGET, cache_dir=tmp_path, crop_pct=CROP_PCT)
     normalization = Normalization()
     augment = BatchAugment(normalization, crop_scale=(0.5, 1.0), output_size=TARGET)
-    assert augment(train.images, torch.Generator().manual_seed(0)).shape == (6, 3, TARGET, TARGET)
+    batch = train.batch(torch.arange(len(train)))  # a list: the shapes differ
+    assert augment(batch, torch.Generator().manual_seed(0)).shape == (6, 3, TARGET, TARGET)
     centre = BatchAugment(normalization, flip_p=0.0, crop_scale=None, output_size=TARGET)
-    assert torch.equal(centre(train.images), normalization(test.images))
-    # no output_size: the input's size, as before
-    assert BatchAugment(normalization)(train.images).shape == (6, 3, RESIZED, RESIZED)
+    torch.testing.assert_close(centre(batch), normalization(test.images), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="output_size"):  # no size to batch them at
+        BatchAugment(normalization)(batch)
+    # square training images (a torchvision dataset's) are one tensor, as before
+    square = torch.randint(0, 256, (2, 3, RESIZED, RESIZED), dtype=torch.uint8)
+    assert BatchAugment(normalization)(square).shape == (2, 3, RESIZED, RESIZED)
 
 
 def test_torchvision_datasets_are_prepared_alike(monkeypatch, tmp_path):
@@ -113,7 +125,7 @@ def test_the_cache_never_serves_another_crop(wide_folder, tmp_path):
     assert sizes(0.5) == (32, TARGET)
     assert sizes(None) == (TARGET, TARGET)
     again, _ = load_splits(str(wide_folder), image_size=TARGET, cache_dir=tmp_path, crop_pct=CROP_PCT)
-    assert torch.equal(first.images, again.images)
+    assert torch.equal(first.images.flat, again.images.flat)
     assert len(list(tmp_path.glob("*.safetensors"))) == 6  # train and test for each of the three
 
 

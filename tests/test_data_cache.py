@@ -1,7 +1,6 @@
 """The decode cache's build (parallel, killed, concurrent, full disk), streaming, bad images, and prefetching."""
 
 import errno
-import os
 import signal
 import subprocess
 import sys
@@ -90,18 +89,30 @@ def test_skip_bad_images_leaves_them_out_of_the_cache_and_names_them(folder, tmp
         load_splits(str(folder), cache_dir=cache)  # the cache does not hide the file from a run that stops
 
 
-def test_a_full_disk_stops_with_a_message_and_leaves_no_cache(folder, tmp_path, monkeypatch):
-    def no_space(fd, offset, length):
-        raise OSError(errno.ENOSPC, "No space left on device")
+class DiskFullAfter:
+    """Stands in for np.ascontiguousarray in the build: the disk is full after ``images`` images were written."""
 
-    monkeypatch.setattr(data_module.os, "posix_fallocate", no_space)
+    def __init__(self, images):
+        self.images, self.real = images, data_module.np.ascontiguousarray
+
+    def __call__(self, array):
+        self.images -= 1
+        if self.images < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real(array)
+
+
+@pytest.mark.parametrize("workers, written", [(1, 0), (1, 5), (2, 3)])
+def test_a_full_disk_stops_with_a_message_and_leaves_no_cache(tmp_path, monkeypatch, workers, written):
+    folder = write_folder_dataset(tmp_path / "data", per_class=(100, 2))  # 300 training images: two blocks
+    monkeypatch.setattr(data_module.np, "ascontiguousarray", DiskFullAfter(written))
     cache = tmp_path / "cache"
     with pytest.raises(VitcraftError, match=f"the disk holding {cache} is full.*--no-cache"):
-        load_splits(str(folder), cache_dir=cache)
+        load_splits(str(folder), cache_dir=cache, workers=workers)
     assert sorted(path.suffix for path in cache.iterdir()) == [".lock"]  # no images, labels or temporary file
     monkeypatch.undo()
     train, _ = load_splits(str(folder), cache_dir=cache)
-    assert len(train) == 12
+    assert len(train) == 300
 
 
 @pytest.mark.parametrize("cache", [True, False])
@@ -204,13 +215,3 @@ def test_prefetch_passes_errors_on_and_stops_its_thread_when_the_loop_stops():
     while threading.active_count() > before and time.time() < deadline:
         time.sleep(0.01)
     assert threading.active_count() == before  # the thread ended though 997 items were never read
-
-
-@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="the reservation only exists with posix_fallocate")
-def test_the_cache_file_is_reserved_before_decoding(folder, tmp_path, monkeypatch):
-    reserved = []
-    real = os.posix_fallocate
-    monkeypatch.setattr(data_module.os, "posix_fallocate", lambda fd, offset, length: reserved.append(length) or
-                        real(fd, offset, length))
-    train, test = load_splits(str(folder), cache_dir=tmp_path / "cache")
-    assert sorted(reserved) == sorted([test.images.numel(), train.images.numel()])

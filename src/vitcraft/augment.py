@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,37 +75,37 @@ def random_horizontal_flip(x: torch.Tensor, p: float, generator: torch.Generator
     return flipped(x, draw_flips(x.shape[0], p, generator))
 
 
-def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float],
+def sample_crop_boxes(batch: int, height: int | torch.Tensor, width: int | torch.Tensor, scale: tuple[float, float],
                       ratio: tuple[float, float], generator: torch.Generator | None = None,
                       attempts: int = 10, fallback: bool = True) -> torch.Tensor:
     """Crop boxes (B, 4) as (top, left, h, w), drawn like torchvision's RandomResizedCrop.
 
-    Per image: up to 10 tries of area ~ U(scale) * H * W and log aspect ratio
-    ~ U(log ratio); the first box that fits wins; if none fits, the central
-    crop with the aspect ratio clamped to ``ratio``, or without ``fallback``
-    an empty box (h = w = 0), as torchvision's RandomErasing then erases nothing.
+    ``height`` and ``width``: the images' size, one for all, or one per image
+    ((B,) tensors, for a batch of images of different shapes). Per image: up
+    to 10 tries of area ~ U(scale) * H * W and log aspect ratio ~ U(log
+    ratio); the first box that fits wins; if none fits, the central crop with
+    the aspect ratio clamped to ``ratio``, or without ``fallback`` an empty box
+    (h = w = 0), as torchvision's RandomErasing then erases nothing.
     """
-    area = height * width
-    target_area = area * torch.empty(batch, attempts).uniform_(*scale, generator=generator)
+    height, width = (torch.as_tensor(side, dtype=torch.float32).expand(batch) for side in (height, width))
+    target_area = (height * width).unsqueeze(1) * torch.empty(batch, attempts).uniform_(*scale, generator=generator)
     log_ratio = torch.empty(batch, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
     aspect = torch.exp(log_ratio)
     w = torch.sqrt(target_area * aspect).round()
     h = torch.sqrt(target_area / aspect).round()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width.unsqueeze(1)) & (h > 0) & (h <= height.unsqueeze(1))
     first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((batch,), -1))
-    # fallback: the central crop
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fallback_w, fallback_h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fallback_w, fallback_h = round(height * ratio[1]), height
-    else:
-        fallback_w, fallback_h = width, height
+    # fallback: the central crop, its aspect ratio clamped to ``ratio``
+    # (in double precision, as torchvision's Python arithmetic)
+    height64, width64 = height.double(), width.double()
+    in_ratio = width64 / height64
+    fallback_w = torch.where(in_ratio > ratio[1], (height64 * ratio[1]).round(), width64).float()
+    fallback_h = torch.where(in_ratio < ratio[0], (width64 / ratio[0]).round(), height64).float()
     if not fallback:
-        fallback_w = fallback_h = 0
+        fallback_w, fallback_h = torch.zeros(batch), torch.zeros(batch)
     rows = torch.arange(batch)
-    chosen_w = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.tensor(float(fallback_w)))
-    chosen_h = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.tensor(float(fallback_h)))
+    chosen_w = torch.where(first >= 0, w[rows, first.clamp(min=0)], fallback_w)
+    chosen_h = torch.where(first >= 0, h[rows, first.clamp(min=0)], fallback_h)
     # torchvision draws top in [0, H - h] and left in [0, W - w] uniformly
     top = (torch.rand(batch, generator=generator) * (height - chosen_h + 1)).floor()
     left = (torch.rand(batch, generator=generator) * (width - chosen_w + 1)).floor()
@@ -113,12 +114,22 @@ def sample_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, f
     return torch.stack([top, left, chosen_h, chosen_w], dim=1)
 
 
+def shorter_side_resized(height: int, width: int, shorter_side: int) -> tuple[int, int]:
+    """(height, width) of an image whose shorter side is resized to ``shorter_side``, as torchvision's Resize(int).
+
+    The aspect ratio is kept and the longer side rounded down.
+    """
+    if width <= height:
+        return int(shorter_side * height / width), shorter_side
+    return shorter_side, int(shorter_side * width / height)
+
+
 def shorter_side_crop(height: int, width: int, shorter_side: int, crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Where resizing an image's shorter side to ``shorter_side``, then centre-cropping crop x crop, leads.
 
     Returns ((resized_height, resized_width), (top, left)) of the crop in the
-    resized image. The resize is torchvision's Resize(int), as timm's evaluation
-    transform does it: the aspect ratio kept, the longer side rounded down. The
+    resized image. The resize is ``shorter_side_resized``, as timm's evaluation
+    transform does it. The
     crop is the centre crop of the centre shorter_side square, each corner
     rounded as torchvision's CenterCrop rounds it, so that the centre crop of a
     training image (that square) is exactly the test image of the same file.
@@ -126,10 +137,7 @@ def shorter_side_crop(height: int, width: int, shorter_side: int, crop: int) -> 
     other way, one pixel off. The one place this geometry lives: decoding files,
     resizing tensors and BatchAugment's centre crop agree to the pixel.
     """
-    if width <= height:
-        resized = (int(shorter_side * height / width), shorter_side)
-    else:
-        resized = (shorter_side, int(shorter_side * width / height))
+    resized = shorter_side_resized(height, width, shorter_side)
     if not 0 < crop <= shorter_side:
         raise ValueError(f"a {crop} x {crop} crop does not fit in an image whose shorter side is {shorter_side}")
 
@@ -163,27 +171,47 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def resized_crop_normalised(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
-                            flip: torch.Tensor | None, normalization: Normalization) -> torch.Tensor:
+def resized_crop_normalised(images: torch.Tensor | list[torch.Tensor], boxes: torch.Tensor, size: tuple[int, int],
+                            flip: torch.Tensor | None, normalization: Normalization | None) -> torch.Tensor:
     """``resized_crop`` (flip included), then ``normalization``, of uint8 images on the CPU, one at a time.
 
-    uint8 (B, C, H, W) -> normalised float32 (B, C, *size). Bilinear at the
-    same points as ``resized_crop`` (align_corners=False), rounded to uint8 as
-    torchvision rounds uint8 tensors. For large images it is several times
-    faster: no float copy of the whole input, PyTorch's vectorised uint8
-    resize, and each image normalised while it is in the cache.
+    images: uint8 (B, C, H, W), or a list of B uint8 (C, H_i, W_i) images of
+    different shapes. Out: normalised float32 (B, C, *size), or without
+    ``normalization`` the uint8 crops. Bilinear at the same points as
+    ``resized_crop`` (align_corners=False), rounded to uint8 as torchvision
+    rounds uint8 tensors. For large images it is several times faster: no
+    float copy of the whole input, PyTorch's vectorised uint8 resize, and each
+    image normalised while it is in the cache.
     """
-    width = images.shape[-1]
-    mean, std = normalization.pixel_stats()
-    out = torch.empty(len(images), images.shape[1], *size)
+    channels = images[0].shape[0]
+    out = torch.empty(len(images), channels, *size, dtype=torch.float32 if normalization else torch.uint8)
+    if normalization:  # normalised = pixel * scale + bias, one pass per image (equal to (pixel - mean) / std
+        mean, std = normalization.pixel_stats()  # up to float rounding)
+        scale, bias = 1 / std, -mean / std
     flips = flip.tolist() if flip is not None else [False] * len(images)
-    for i, ((top, left, h, w), mirror) in enumerate(zip(boxes.long().tolist(), flips)):
+    for i, (image, (top, left, h, w), mirror) in enumerate(zip(images, boxes.long().tolist(), flips)):
         if mirror:  # the box in the mirrored image is the mirrored box in the image, read, then mirrored
-            left = width - left - w
-        crop = images[i:i + 1, :, top:top + h, left:left + w]  # (1, C, h, w), a view
+            left = image.shape[-1] - left - w
+        # (1, C, h, w), copied channels-last: PyTorch's vectorised uint8 resize reads that layout, and the copy
+        # costs less than the resize saves
+        crop = image[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
         resized = F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=False)[0]
-        torch.sub((resized.flip(-1) if mirror else resized).float(), mean, out=out[i]).div_(std)
+        resized = resized.flip(-1) if mirror else resized  # (C, *size), channels-last strides
+        if normalization is None:
+            out[i] = resized
+        else:
+            torch.addcmul(bias, resized, scale, out=out[i])  # read channels-last, written channels-first
     return out
+
+
+def stacked_if_alike(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """A list of (C, H, W) images as one (B, C, H, W) tensor when their shapes agree; else the list itself."""
+    if images and all(image.shape == images[0].shape for image in images):
+        return torch.stack(images)
+    return images
+
+
+Policy = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]  # uint8 (B, C, H, W) -> the same
 
 
 LARGE_IMAGE_PIXELS = 96 * 96  # from this size up, BatchAugment resizes uint8 crops one by one on the CPU
@@ -197,11 +225,17 @@ class BatchAugment:
     fraction in ``crop_scale`` resized to output_size x output_size (None: back
     to the input size), then normalisation. Without ``crop_scale`` there is no
     random crop: an output smaller than the input is its centre crop (with
-    ``DataConfig.crop_pct`` the training images are the larger S x S images the
-    test images were centre-cropped from, so this is exactly the evaluation
+    ``DataConfig.crop_pct`` the training images are the larger images the test
+    images were centre-cropped from, so this is exactly the evaluation
     preprocessing); a larger one, the whole image resized.
-    In: uint8 (B, C, H, W). Out: float32 (B, C, output_size, output_size), or
-    (B, C, H, W) without output_size, normalised.
+
+    In: uint8 (B, C, H, W), or a list of B uint8 (C, H_i, W_i) images of
+    different shapes (a training split of photos kept whole; output_size is
+    then required). Out: float32 (B, C, output_size, output_size), or
+    (B, C, H, W) without output_size, normalised. ``policy`` (RandAugment, see
+    deit_augment.py) runs on the uint8 batch: first, on a batch tensor (the
+    tutorial's order); after the crop, on a list, whose images only have one
+    shape once cropped (timm's order).
     """
 
     normalization: Normalization
@@ -210,7 +244,14 @@ class BatchAugment:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     output_size: int | None = None
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor | list[torch.Tensor], generator: torch.Generator | None = None,
+                 policy: Policy | None = None) -> torch.Tensor:
+        if isinstance(images, list):
+            images = stacked_if_alike(images)
+        if isinstance(images, list):
+            return self._of_list(images, generator, policy)
+        if policy is not None:
+            images = policy(images, generator)
         flip = draw_flips(images.shape[0], self.flip_p, generator) if self.flip_p > 0 else None
         height, width = images.shape[-2:]
         size = (self.output_size, self.output_size) if self.output_size else (height, width)
@@ -232,3 +273,22 @@ class BatchAugment:
             whole = torch.tensor([[0.0, 0.0, height, width]]).expand(x.shape[0], 4)
             x = resized_crop(x, whole, size)
         return self.normalization.from_pixels(x)
+
+    def _of_list(self, images: list[torch.Tensor], generator: torch.Generator | None,
+                 policy: Policy | None) -> torch.Tensor:
+        """The augmentation of images of different shapes: each cropped from its own shape, one at a time."""
+        if not self.output_size:
+            raise ValueError("images of different shapes need an output_size to be batched")
+        flip = draw_flips(len(images), self.flip_p, generator) if self.flip_p > 0 else None
+        size = (self.output_size, self.output_size)
+        heights, widths = (torch.tensor([image.shape[axis] for image in images]) for axis in (-2, -1))
+        if self.crop_scale is not None:
+            boxes = sample_crop_boxes(len(images), heights, widths, self.crop_scale, self.crop_ratio, generator)
+        else:  # the centre crop as the tensor path takes it, or the whole image where the output is larger
+            boxes = torch.tensor([
+                [*shorter_side_crop(h, w, min(h, w), self.output_size)[1], *size]
+                if self.output_size <= min(h, w) else [0, 0, h, w]
+                for h, w in zip(heights.tolist(), widths.tolist())], dtype=torch.float32)
+        if policy is None:
+            return resized_crop_normalised(images, boxes, size, flip, self.normalization)
+        return self.normalization(policy(resized_crop_normalised(images, boxes, size, flip, None), generator))

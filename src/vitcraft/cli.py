@@ -558,8 +558,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     calibration = None
     if args.int8_method == "static":
-        train_set = _run_splits(Path(args.run_dir), args, metadata)[0]
-        calibration = export.calibration_images(train_set.images, normalization, args.calibration_images)
+        train_set, test_set = _run_splits(Path(args.run_dir), args, metadata)
+        calibration = export.calibration_images(train_set, normalization, args.calibration_images,
+                                                test_set.image_size)
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export.export_onnx(model, Path(folder) / "model.onnx")
         written = export.quantize_onnx(fp32, out, args.int8_method, calibration)

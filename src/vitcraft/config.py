@@ -295,14 +295,15 @@ class DataConfig:
                                    "hf:NAME[:CONFIG], or a folder written by DatasetDict.save_to_disk")
     data_root: str | None = setting(None, "where torchvision datasets are downloaded", metavar="DIR",
                                     none_means="the cache")
-    image_size: int | None = setting(None, "the model's input size: each image's shorter side is resized to it and "
-                                           "its centre square kept (never squashed)",
+    image_size: int | None = setting(None, "the model's input size: each image's shorter side is resized to it, "
+                                           "training crops drawn from the whole image and evaluation taking the "
+                                           "centre square (never squashed)",
                                      none_means="the data's own: its first image's shorter side")
     crop_pct: float | None = setting(
         None, "the fraction of the image a pretrained model was evaluated on (timm's crop_pct), in (0, 1]: "
               "evaluation resizes the shorter side to image_size / crop_pct, then centre-crops image_size; "
               "training crops come from the same larger image",
-        none_means="the --init model's, else 1.0: the centre square at image_size")
+        none_means="the --init model's, else 1.0: the shorter side at image_size")
     cache_dir: str | None = setting(None, "where decoded image folders are cached", metavar="DIR",
                                     none_means="~/.cache/vitcraft")
     cache: bool = setting(True, "decode folder and Hugging Face images once into a memory-mapped cache on disk; "

@@ -38,9 +38,9 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from vitcraft.augment import shorter_side_crop
+from vitcraft.augment import shorter_side_crop, shorter_side_resized, stacked_if_alike
 from vitcraft.errors import VitcraftError
-from vitcraft.files import atomic_write, load_tensors, remove_stale_temporaries, save_tensors_atomic
+from vitcraft.files import TEMPORARY_NAME, atomic_write, load_tensors, remove_stale_temporaries, save_tensors_atomic
 from vitcraft.files import cache_dir as default_cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -51,13 +51,15 @@ DOWNLOAD_TIMEOUT_SECONDS = 30
 class ImageTensorDataset:
     """One split of a dataset.
 
-    images: (N, C, H, W) uint8, in memory, memory-mapped from the decode cache,
-    or ``StreamingImages`` (decoded when read); labels: (N,) int64;
+    images: (N, C, H, W) uint8, in memory or memory-mapped from the decode
+    cache; ``RaggedImages`` (memory-mapped too), when a training split's photos
+    are kept whole and their shapes differ; or ``StreamingImages`` (decoded
+    when read). labels: (N,) int64;
     class_names: one per class; skipped: the errors of the unreadable images
     left out (``--skip-bad-images``), each naming its file.
     """
 
-    images: torch.Tensor | "StreamingImages"
+    images: torch.Tensor | "RaggedImages" | "StreamingImages"
     labels: torch.Tensor
     class_names: list[str]
     skipped: list[str] = field(default_factory=list)
@@ -67,7 +69,8 @@ class ImageTensorDataset:
 
     @property
     def image_size(self) -> int:
-        return self.images.shape[-1]
+        """Every image's shorter side: the images' size when they are square."""
+        return min(self.images.shape[-2:])
 
     @property
     def num_channels(self) -> int:
@@ -75,7 +78,15 @@ class ImageTensorDataset:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.images.shape)
+        return self.images.nbytes
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The images at ``index`` (b,) on their device: uint8 (b, C, H, W), or a list of (C, H_i, W_i) whose
+        shapes differ (``RaggedImages``); ``augment.BatchAugment`` takes either."""
+        if isinstance(self.images, torch.Tensor):
+            # index_select copies whole rows; indexing (images[index]) goes element by element, many times slower
+            return self.images.index_select(0, index.to(self.images.device))
+        return self.images[index]
 
     def to(self, device: torch.device | str) -> "ImageTensorDataset":
         """The split with its images and labels on ``device`` (a streamed split's images cannot move)."""
@@ -158,14 +169,15 @@ def _list_images(split_dir: Path) -> tuple[list[tuple[Path, int]], list[str]]:
 
 
 def read_image(path: Path | str, mode: str, image_size: int | None, max_pixels: int | None = None, *,
-               crop: int | None = None) -> np.ndarray:
+               crop: int | None = None, keep_shape: bool = False) -> np.ndarray:
     """Decode one image file to a (H, W, C) uint8 array in ``mode`` ("RGB" or "L").
 
     With ``image_size``, it is resized to image_size x image_size (as the
     tutorial's ``Resize((size, size))``); with ``crop`` too, its shorter side
     is resized to image_size instead, keeping the aspect ratio, and the centre
     crop x crop kept (timm's evaluation ``Resize(size)``, ``CenterCrop(crop)``;
-    the array is then (crop, crop, C)). ``path`` may also be a binary file
+    the array is then (crop, crop, C)); with ``keep_shape``, its shorter side
+    is resized to image_size and the whole image kept. ``path`` may also be a binary file
     object. Any mode converts: palette, CMYK, grayscale, 1-bit; alpha is
     dropped (not composited); 16-bit grayscale keeps its high byte (Pillow
     alone would clip it to white). Unreadable files, and images of more than
@@ -177,7 +189,7 @@ def read_image(path: Path | str, mode: str, image_size: int | None, max_pixels: 
     with _decoding(path), Image.open(path) as image:
         if limit is not None and image.width * image.height > limit:
             raise ValueError(f"{image.width} x {image.height} pixels is more than the limit of {limit:,}")
-        return prepare_image(image, mode, image_size, crop=crop)
+        return prepare_image(image, mode, image_size, crop=crop, keep_shape=keep_shape)
 
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the camera was turned; 1: upright
@@ -191,7 +203,8 @@ def _exif_orientation(image: Image.Image) -> int:
         return 1
 
 
-def prepare_image(image: Image.Image, mode: str, image_size: int | None, *, crop: int | None = None) -> np.ndarray:
+def prepare_image(image: Image.Image, mode: str, image_size: int | None, *, crop: int | None = None,
+                  keep_shape: bool = False) -> np.ndarray:
     """An opened image as a (H, W, C) uint8 array in ``mode``, resized and cropped as ``read_image`` documents.
 
     What ``read_image`` does after opening a file, and what a Hugging Face
@@ -207,6 +220,10 @@ def prepare_image(image: Image.Image, mode: str, image_size: int | None, *, crop
         if image.size != (width, height):
             image = image.resize((width, height), Image.BILINEAR)
         image = image.crop((left, top, left + crop, top + crop))
+    elif keep_shape:
+        height, width = shorter_side_resized(image.height, image.width, image_size)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR)
     elif image_size is not None and image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BILINEAR)
     array = np.array(image, dtype=np.uint8)  # a writable copy
@@ -245,37 +262,44 @@ def probe_image(image: Image.Image) -> tuple[str, int, bool]:
     return mode, min(image.size), image.width == image.height
 
 
-def crop_pct_geometry(image_size: int, crop_pct: float, split: str) -> tuple[int, int]:
-    """(shorter side, centre crop) of the ``split`` ("train" or "test") of data prepared with timm's ``crop_pct``.
+def crop_pct_geometry(image_size: int, crop_pct: float) -> tuple[int, int]:
+    """(shorter side, centre crop) of an evaluation image prepared with timm's ``crop_pct``.
 
-    Both splits resize each image's shorter side to S = floor(image_size /
-    crop_pct), as timm's evaluation transform does. The test split keeps the centre image_size x image_size, what the
-    model evaluates on; the training split the centre S x S, from which
-    BatchAugment's random crops are drawn (at ``output_size`` = image_size).
+    Its shorter side is resized to S = floor(image_size / crop_pct) and the
+    centre image_size x image_size kept, as timm's evaluation transform does.
+    A training image keeps its whole shape at shorter side S, and BatchAugment's
+    random crops are drawn from it (at ``output_size`` = image_size).
     """
-    shorter_side = math.floor(image_size / crop_pct)
-    return shorter_side, shorter_side if split == "train" else image_size
+    return math.floor(image_size / crop_pct), image_size
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How one split's images are stored: each a (channels, size, size) uint8 array.
+    """How one split's images are stored: each a (channels, height, width) uint8 array.
 
-    Made by ``prepare_image(image, mode, resize_to, crop=crop)``: without a
-    crop, every image resized to resize_to x resize_to; with one, its shorter
-    side resized to resize_to and the centre crop x crop kept.
+    Made by ``prepare_image(image, mode, resize_to, crop=crop, keep_shape=keep_shape)``:
+    by default every image resized to resize_to x resize_to (squashed); with a
+    crop, its shorter side resized to resize_to and the centre crop x crop
+    kept; with keep_shape, its shorter side resized to resize_to and the whole
+    image kept, so that the images' shapes may differ.
     """
 
     mode: str  # "RGB" or "L"
     resize_to: int
     crop: int | None = None
+    keep_shape: bool = False
 
     @classmethod
     def of(cls, mode: str, image_size: int, crop_pct: float | None, split: str) -> "Layout":
-        """The layout of ``split`` ("train" or "test") at ``image_size``, with timm's ``crop_pct`` or without."""
+        """The layout of ``split`` ("train" or "test") at ``image_size``, with timm's ``crop_pct`` or without.
+
+        With it, the test split is timm's evaluation crop and the training split keeps each image whole
+        (see ``crop_pct_geometry``); without, every image is squashed to image_size x image_size.
+        """
         if crop_pct is None:
             return cls(mode, image_size)
-        return cls(mode, *crop_pct_geometry(image_size, crop_pct, split))
+        shorter_side, crop = crop_pct_geometry(image_size, crop_pct)
+        return cls(mode, shorter_side, keep_shape=True) if split == "train" else cls(mode, shorter_side, crop)
 
     @property
     def channels(self) -> int:
@@ -283,13 +307,16 @@ class Layout:
 
     @property
     def size(self) -> int:
+        """Every image's shorter side: its size, unless keep_shape lets the longer side differ."""
         return self.crop or self.resize_to
 
-    def shape(self, count: int) -> tuple[int, int, int, int]:
-        return count, self.channels, self.size, self.size
+    def least_nbytes(self, count: int) -> int:
+        """The bytes of ``count`` images, at least: exact unless keep_shape, where each image is S x S or larger."""
+        return count * self.channels * self.size * self.size
 
-    def nbytes(self, count: int) -> int:
-        return math.prod(self.shape(count))
+    def key(self) -> str:
+        """What a cache's fingerprint takes from the layout."""
+        return f"{self.mode}|{self.resize_to}|{self.crop}|{self.keep_shape}"
 
 
 class ImageSource:
@@ -312,7 +339,7 @@ class ImageSource:
         raise NotImplementedError
 
     def decode(self, i: int) -> np.ndarray:
-        """Image i as a (C, S, S) uint8 array."""
+        """Image i as a (C, H, W) uint8 array."""
         return self.read(i).transpose(2, 0, 1)  # HWC -> CHW
 
 
@@ -326,58 +353,96 @@ class FolderSource(ImageSource):
         self.layout, self.where = layout, str(split_dir)
 
     def read(self, i: int) -> np.ndarray:
-        return read_image(self.paths[i], self.layout.mode, self.layout.resize_to, crop=self.layout.crop)
+        return read_image(self.paths[i], self.layout.mode, self.layout.resize_to, crop=self.layout.crop,
+                          keep_shape=self.layout.keep_shape)
 
 
 BUILD_BLOCK = 256  # images per task of a parallel cache build: large enough to amortise the task, small to balance
+CACHE_VERSION = "v4"  # in every cache's fingerprint: v4, images of any shape with their heights and widths
 
 
-def _decode_block(source: ImageSource, path: str, start: int, stop: int, skip_bad: bool) -> list[tuple[int, str]]:
-    """Decode images start..stop-1 of ``source`` into rows of the raw file ``path``; (index, error) of those skipped.
+@dataclass
+class Block:
+    """What decoding images start..stop-1 of a split produced: their bytes in the file ``path``, one after
+    another as (C, H, W) uint8, their heights and widths, and the (index, error) of those left out."""
 
-    A skipped image's row stays zero, and is dropped when the build ends.
+    path: str
+    heights: list[int]
+    widths: list[int]
+    bad: list[tuple[int, str]]
+
+
+def _decode_block(source: ImageSource, path: str, start: int, stop: int, skip_bad: bool) -> Block:
+    """Decode images start..stop-1 of ``source`` into the new file ``path``, one after another.
+
+    An unreadable image raises (its error names it) or, with ``skip_bad``, is left out and listed.
     """
-    rows = np.memmap(path, dtype=np.uint8, mode="r+", shape=source.layout.shape(len(source)))
-    bad = []
-    for i in range(start, stop):
-        try:
-            rows[i] = source.decode(i)
-        except VitcraftError as error:
-            if not skip_bad:
-                raise
-            bad.append((i, str(error)))
-    rows.flush()
-    return bad
+    block = Block(path, [], [], [])
+    with open(path, "wb") as file:
+        for i in range(start, stop):
+            try:
+                image = source.decode(i)  # (C, H, W)
+            except VitcraftError as error:
+                if not skip_bad:
+                    raise
+                block.bad.append((i, str(error)))
+                continue
+            file.write(np.ascontiguousarray(image).data)
+            block.heights.append(image.shape[1])
+            block.widths.append(image.shape[2])
+    return block
 
 
-def _decode_into(path: str, source: ImageSource, skip_bad: bool, workers: int) -> list[tuple[int, str]]:
-    """Decode every image of ``source`` into the raw (N, C, S, S) file ``path``, on ``workers`` processes.
+def _decode_into(path: str, source: ImageSource, skip_bad: bool, workers: int) -> Block:
+    """Decode every image of ``source`` into the file ``path``, on ``workers`` processes; what was written.
 
-    A progress bar on a terminal. Returns the (index, error) of the images
-    skipped (``skip_bad``); otherwise the first unreadable one raises.
+    Each process decodes blocks of images into files of their own beside
+    ``path`` (named as atomic_write's temporaries of it, so that a killed
+    build's are removed by the next), which are appended to ``path`` in order
+    as they are done. A progress bar on a terminal. The images skipped
+    (``skip_bad``) are listed; otherwise the first unreadable one raises.
     """
     blocks = [(start, min(start + BUILD_BLOCK, len(source))) for start in range(0, len(source), BUILD_BLOCK)]
-    bad: list[tuple[int, str]] = []
-    with tqdm(total=len(source), desc=f"decoding {source.where}", unit="img", leave=False,
-              disable=not sys.stderr.isatty(), dynamic_ncols=True) as bar:
-        if workers <= 1 or len(blocks) == 1:
-            for start, stop in blocks:
-                bad += _decode_block(source, path, start, stop, skip_bad)
-                bar.update(stop - start)
-            return bad
-        # processes, not threads: decoding small images is Python-bound, and would hold the GIL
-        # the source goes to each process once, not with every block: it lists every file of the split
-        with ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_set_worker_source,
-                                 initargs=(source,)) as pool:
-            futures = [pool.submit(_decode_worker_block, path, start, stop, skip_bad) for start, stop in blocks]
-            try:
-                for (start, stop), future in zip(blocks, futures):
-                    bad += future.result()
+    temporary = TEMPORARY_NAME.fullmatch(Path(path).name)  # atomic_write's temporary of NAME is .NAME.<hex>.tmp
+    name = temporary.group(1) if temporary else Path(path).name
+    block_paths = [str(Path(path).with_name(f".{name}.{os.urandom(16).hex()}.tmp")) for _ in blocks]
+    written = Block(path, [], [], [])
+
+    def append(block: Block, output) -> None:
+        with open(block.path, "rb") as file:
+            shutil.copyfileobj(file, output, 1 << 22)
+        os.unlink(block.path)
+        written.heights += block.heights
+        written.widths += block.widths
+        written.bad += block.bad
+
+    bar = tqdm(total=len(source), desc=f"decoding {source.where}", unit="img", leave=False,
+               disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    try:
+        with bar, open(path, "wb") as output:
+            if workers <= 1 or len(blocks) == 1:
+                for (start, stop), block_path in zip(blocks, block_paths):
+                    append(_decode_block(source, block_path, start, stop, skip_bad), output)
                     bar.update(stop - start)
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
-    return bad
+                return written
+            # processes, not threads: decoding small images is Python-bound, and would hold the GIL
+            # the source goes to each process once, not with every block: it lists every file of the split
+            with ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_set_worker_source,
+                                     initargs=(source,)) as pool:
+                futures = [pool.submit(_decode_worker_block, block_path, start, stop, skip_bad)
+                           for (start, stop), block_path in zip(blocks, block_paths)]
+                try:
+                    for (start, stop), future in zip(blocks, futures):
+                        append(future.result(), output)
+                        bar.update(stop - start)
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)
+                    raise
+        return written
+    finally:
+        for block_path in block_paths:  # those not appended yet, when something failed
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(block_path)
 
 
 _worker_source: ImageSource | None = None  # in a build process: the source it decodes from
@@ -388,7 +453,7 @@ def _set_worker_source(source: ImageSource) -> None:
     _worker_source = source
 
 
-def _decode_worker_block(path: str, start: int, stop: int, skip_bad: bool) -> list[tuple[int, str]]:
+def _decode_worker_block(path: str, start: int, stop: int, skip_bad: bool) -> Block:
     return _decode_block(_worker_source, path, start, stop, skip_bad)
 
 
@@ -404,25 +469,10 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
 
 
-def _reserve(path: str, nbytes: int) -> None:
-    """Create ``path`` with ``nbytes`` of disk reserved: a full disk fails here, not half-way as a crash.
-
-    Writing to a memory-mapped file whose blocks the disk cannot supply kills
-    the process (SIGBUS); posix_fallocate claims the blocks first, or says ENOSPC.
-    """
-    with open(path, "wb") as file:
-        try:
-            os.posix_fallocate(file.fileno(), 0, nbytes)
-        except (AttributeError, OSError) as error:  # AttributeError: no posix_fallocate (macOS, Windows)
-            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-                raise
-            file.truncate(nbytes)  # a file system without fallocate: sparse, checked against the free space before
-
-
 def _disk_full(folder: Path, nbytes: int) -> VitcraftError:
-    return VitcraftError(f"the disk holding {folder} is full: the decode cache needs {nbytes / 1e9:.2f} GB there. "
-                         f"Free some space, pass --cache-dir on a larger disk, or --no-cache to decode the images "
-                         f"every epoch instead (nothing half-built was left behind)")
+    return VitcraftError(f"the disk holding {folder} is full: the decode cache needs at least {nbytes / 1e9:.2f} GB "
+                         f"there. Free some space, pass --cache-dir on a larger disk, or --no-cache to decode the "
+                         f"images every epoch instead (nothing half-built was left behind)")
 
 
 @contextlib.contextmanager
@@ -441,61 +491,109 @@ def _build_lock(path: Path) -> Iterator[None]:
             fcntl.flock(file.fileno(), fcntl.LOCK_UN)
 
 
-CACHE_IMAGES_SUFFIX = ".u8"  # the raw (N, C, S, S) uint8 rows; the shape is in the metadata file
+CACHE_IMAGES_SUFFIX = ".u8"  # the raw uint8 images, one after another; their shapes are in the metadata file
+
+
+class RaggedImages:
+    """A split's images of different shapes, each (C, H_i, W_i) uint8, one after another in one flat buffer.
+
+    What a training split of photos kept whole (``Layout.keep_shape``) reads
+    as when their shapes differ: the buffer is memory-mapped from the decode
+    cache. Indexing with an index tensor gives a list of copies of those
+    images (``BatchAugment`` crops each from its own shape); ``index_select``
+    a RaggedImages of them, in memory. ``shape`` is (N, C, S, S), S the
+    shortest side of any image (every image's shorter side, as the cache makes them).
+    """
+
+    dtype = torch.uint8
+    device = torch.device("cpu")
+    ndim = 4
+
+    def __init__(self, flat: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor, channels: int):
+        self.flat, self.heights, self.widths, self.channels = flat, heights, widths, channels
+        sizes = channels * heights.long() * widths.long()
+        # a tensor, not a list: 8 bytes an image (a list of Python ints would take about 36)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+
+    def __len__(self) -> int:
+        return len(self.heights)
+
+    @property
+    def shape(self) -> torch.Size:
+        shortest = int(torch.minimum(self.heights, self.widths).min())
+        return torch.Size((len(self), self.channels, shortest, shortest))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1])
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image i, (C, H_i, W_i) uint8: a view of the buffer."""
+        start, stop = self.offsets[i:i + 2].tolist()
+        return self.flat[start:stop].view(self.channels, int(self.heights[i]), int(self.widths[i]))
+
+    def __getitem__(self, index: torch.Tensor) -> list[torch.Tensor]:
+        return [self.image(i).clone() for i in index.tolist()]  # copies: the pages are read here, not later
+
+    def index_select(self, dim: int, index: torch.Tensor) -> "RaggedImages":
+        if dim != 0:
+            raise ValueError("RaggedImages selects images only (dim 0)")
+        images = self[index]
+        flat = torch.cat([image.reshape(-1) for image in images]) if images else torch.empty(0, dtype=torch.uint8)
+        return RaggedImages(flat, self.heights[index], self.widths[index], self.channels)
 
 
 def _read_cache(cache_file: Path) -> ImageTensorDataset | None:
-    """The split cached at ``cache_file``, its images memory-mapped; None if there is none, or it is damaged."""
+    """The split cached at ``cache_file``, its images memory-mapped; None if there is none, or it is damaged.
+
+    The images are one (N, C, H, W) tensor when they all have one shape, else ``RaggedImages``.
+    """
     images_file = cache_file.with_suffix(CACHE_IMAGES_SUFFIX)
     if not (cache_file.exists() and images_file.exists()):
         return None
     try:
         tensors, metadata = load_tensors(cache_file)
-        shape = tuple(json.loads(metadata["shape"]))
-        if images_file.stat().st_size != math.prod(shape) or len(tensors["labels"]) != shape[0]:
+        heights, widths, labels = tensors["heights"], tensors["widths"], tensors["labels"]
+        channels = int(metadata["channels"])
+        nbytes = channels * int((heights.long() * widths.long()).sum())
+        if images_file.stat().st_size != nbytes or not len(labels) == len(heights) == len(widths) > 0:
             return None
         # copy-on-write: writable for torch (no warning), the file's pages shared until written
-        images = torch.from_numpy(np.memmap(images_file, dtype=np.uint8, mode="c", shape=shape))
-        return ImageTensorDataset(images, tensors["labels"], json.loads(metadata["class_names"]),
+        flat = torch.from_numpy(np.memmap(images_file, dtype=np.uint8, mode="c", shape=(nbytes,)))
+        if bool((heights == heights[0]).all() and (widths == widths[0]).all()):
+            images = flat.view(len(labels), channels, int(heights[0]), int(widths[0]))
+        else:
+            images = RaggedImages(flat, heights, widths, channels)
+        return ImageTensorDataset(images, labels, json.loads(metadata["class_names"]),
                                   json.loads(metadata["skipped"]))
-    except (VitcraftError, KeyError, ValueError, TypeError, OSError, json.JSONDecodeError):
+    except (VitcraftError, KeyError, ValueError, TypeError, OSError, RuntimeError, json.JSONDecodeError):
         return None  # a damaged cache is rebuilt, never trusted
 
 
 def _build_cache(cache_file: Path, source: ImageSource, skip_bad: bool, workers: int) -> None:
-    """Decode ``source`` into ``cache_file``'s raw images file, then write its labels, class names and shape.
+    """Decode ``source`` into ``cache_file``'s raw images file, then write its labels, shapes and class names.
 
-    The images are decoded straight into the file (memory-mapped), so a split
-    larger than the memory can be cached. The metadata file is written last:
-    a build killed at any moment leaves no cache that ``_read_cache`` accepts.
+    The images are written as they are decoded, so a split larger than the
+    memory can be cached. The metadata file is written last: a build killed at
+    any moment leaves no cache that ``_read_cache`` accepts. A full disk stops
+    with one message, leaving nothing.
     """
     images_file = cache_file.with_suffix(CACHE_IMAGES_SUFFIX)
-    nbytes = source.layout.nbytes(len(source))
-    bad: list[tuple[int, str]] = []
-    kept = list(range(len(source)))
-
-    def decode(temp: str) -> None:
-        _reserve(temp, nbytes)
-        bad.extend(_decode_into(temp, source, skip_bad, workers))
-        if bad:  # move the good rows up over the skipped ones, in place, then cut the tail
-            skipped = {i for i, _ in bad}
-            kept[:] = [i for i in kept if i not in skipped]
-            rows = np.memmap(temp, dtype=np.uint8, mode="r+", shape=source.layout.shape(len(source)))
-            for row, i in enumerate(kept):
-                if row != i:
-                    rows[row] = rows[i]
-            rows.flush()
-            del rows
-            os.truncate(temp, source.layout.nbytes(len(kept)))
-
+    written: list[Block] = []
     try:
-        atomic_write(images_file, decode)
-        metadata = {"class_names": json.dumps(source.class_names), "shape": json.dumps(source.layout.shape(len(kept))),
-                    "skipped": json.dumps([error for _, error in bad])}
-        save_tensors_atomic(cache_file, {"labels": source.labels[kept]}, metadata)
+        atomic_write(images_file, lambda temp: written.append(_decode_into(temp, source, skip_bad, workers)))
+        block = written[0]
+        skipped = {i for i, _ in block.bad}
+        kept = [i for i in range(len(source)) if i not in skipped]
+        metadata = {"class_names": json.dumps(source.class_names), "channels": str(source.layout.channels),
+                    "skipped": json.dumps([error for _, error in block.bad])}
+        save_tensors_atomic(cache_file, {"labels": source.labels[kept], "heights": torch.tensor(block.heights),
+                                         "widths": torch.tensor(block.widths)}, metadata)
     except OSError as error:
         if error.errno == errno.ENOSPC:
-            raise _disk_full(cache_file.parent, nbytes) from None
+            with contextlib.suppress(FileNotFoundError):
+                images_file.unlink()  # the images of a cache whose metadata could not be written
+            raise _disk_full(cache_file.parent, source.layout.least_nbytes(len(source))) from None
         raise
 
 
@@ -521,6 +619,9 @@ def _cached(cache_file: Path, source: ImageSource, skip_bad: bool, workers: int,
                 remove_stale_temporaries(cache_file.parent, [cache_file.name, images_name])
                 _build_cache(cache_file, source, skip_bad, workers)
                 dataset = _read_cache(cache_file)
+                if dataset is None:  # what it built is whole, so it is empty
+                    raise VitcraftError(f"{source.where} has no readable image: --skip-bad-images left out all "
+                                        f"{len(source)}")
     if dataset.skipped and not skip_bad:
         raise VitcraftError(f"{dataset.skipped[0]} (the cache of {source.where} was built with --skip-bad-images, "
                             f"leaving out {len(dataset.skipped)} images; pass it again, or fix the files)")
@@ -529,7 +630,7 @@ def _cached(cache_file: Path, source: ImageSource, skip_bad: bool, workers: int,
 
 def _folder_fingerprint(split_dir: Path, layout: Layout) -> str:
     """Changes when any file is added, removed, resized or touched, or the images are prepared otherwise."""
-    key = f"{split_dir.resolve()}|{layout.mode}|{layout.resize_to}|{layout.crop}|v3"  # v3: raw rows, skipped list
+    key = f"{split_dir.resolve()}|{layout.key()}|{CACHE_VERSION}"
     digest = hashlib.sha1(key.encode())
     for path in sorted(split_dir.rglob("*")):
         if path.is_file():
@@ -615,8 +716,7 @@ class HubSource(ImageSource):
         self.images = split.select_columns([image_column])  # rows read only the image column
         self.image_column, self.where, self.layout = image_column, where, layout
         # changes when the datasets library's fingerprint of the split changes, or the images are prepared otherwise
-        key = json.dumps([fingerprint_of, split._fingerprint, self.layout.mode, self.layout.resize_to,
-                          self.layout.crop, "v3"])
+        key = json.dumps([fingerprint_of, split._fingerprint, self.layout.key(), CACHE_VERSION])
         self.fingerprint = hashlib.sha1(key.encode()).hexdigest()[:16]
 
     def name(self, i: int) -> str:
@@ -625,7 +725,7 @@ class HubSource(ImageSource):
     def read(self, i: int) -> np.ndarray:
         with _decoding(self.name(i)):
             return prepare_image(self.images[i][self.image_column], self.layout.mode, self.layout.resize_to,
-                                 crop=self.layout.crop)
+                                 crop=self.layout.crop, keep_shape=self.layout.keep_shape)
 
 
 def _hf_sources(data: str, image_size: int | None, crop_pct: float | None,
@@ -657,13 +757,16 @@ def _hf_sources(data: str, image_size: int | None, crop_pct: float | None,
 
 # ---------------------------------------------------------------- streaming
 class StreamingImages:
-    """A split's images decoded when read, standing in for the (N, C, S, S) uint8 tensor of a cached split.
+    """A split's images decoded when read, standing in for the (N, C, H, W) uint8 tensor of a cached split.
 
     For sets larger than the free disk (``--no-cache``): ``iterate_batches``
     decodes each batch in DataLoader worker processes, every epoch. Indexing
     (an int, a slice or an index tensor) decodes in this process, for figures.
     With ``skip_bad``, an unreadable image is left out of its batch (named in
-    ``skipped``) and reads as zeros when indexed.
+    ``skipped``) and reads as zeros when indexed. A training split of photos
+    kept whole (``Layout.keep_shape``) gives a list of images where the shapes
+    in a batch differ, as ``RaggedImages`` does; ``shape`` is then (N, C, S, S)
+    with S every image's shorter side.
     """
 
     dtype = torch.uint8
@@ -676,23 +779,24 @@ class StreamingImages:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size(self.source.layout.shape(len(self.source)))
+        layout = self.source.layout
+        return torch.Size((len(self.source), layout.channels, layout.size, layout.size))
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int | slice | torch.Tensor) -> torch.Tensor:
+    def __getitem__(self, index: int | slice | torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if isinstance(index, int):
             return self[torch.tensor([index])][0]
         rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
-        images = torch.zeros(len(rows), *self.shape[1:], dtype=torch.uint8)
-        for row, i in enumerate(rows):
+        images = []
+        for i in rows:
             image, error = _decode_or_error(self.source, i)
             if error is not None and not self.skip_bad:
                 raise VitcraftError(error)
-            if image is not None:
-                images[row] = image
-        return images
+            images.append(image if image is not None else torch.zeros(self.shape[1:], dtype=torch.uint8))
+        stacked = stacked_if_alike(images)
+        return stacked if images else torch.empty(0, *self.shape[1:], dtype=torch.uint8)
 
     def batches(self, batches: list[torch.Tensor], labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) of each index tensor in ``batches``, decoded by DataLoader workers."""
@@ -726,11 +830,13 @@ class _Decoded(torch.utils.data.Dataset):
         return _decode_or_error(self.source, i)
 
 
-def _collate(rows: list[tuple[torch.Tensor | None, str | None]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(images (b, C, S, S) of the readable rows, which rows those are (bool), the others' errors)."""
+def _collate(rows: list[tuple[torch.Tensor | None, str | None]]
+             ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, list[str]]:
+    """(images (b, C, H, W) of the readable rows, or their list if their shapes differ, which rows those are
+    (bool), the others' errors)."""
     keep = torch.tensor([image is not None for image, _ in rows])
     images = [image for image, _ in rows if image is not None]
-    stacked = torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)
+    stacked = stacked_if_alike(images) if images else torch.empty(0, dtype=torch.uint8)
     return stacked, keep, [error for _, error in rows if error is not None]
 
 
@@ -755,8 +861,8 @@ def load_splits(data: str, data_root: Path | None = None, image_size: int | None
     square (said through ``log``); ``vitcraft train`` passes a crop_pct.
     With ``crop_pct`` (timm's, in (0, 1]) nothing is squashed: image_size is the
     test split's size and each image's shorter side is resized to image_size /
-    crop_pct first (see ``crop_pct_geometry``), the training split keeping the
-    larger centre square.
+    crop_pct first (see ``crop_pct_geometry``), the training split keeping each
+    image whole at that size (its images differ in shape when the data's do).
 
     Folder and Hugging Face datasets are decoded once, on ``workers``
     processes, into a cache in ``cache_dir`` that is memory-mapped (see
@@ -787,11 +893,13 @@ def load_splits(data: str, data_root: Path | None = None, image_size: int | None
     cache_files = [cache_dir / f"{name}.safetensors" for name in names]
     found = [None if stream else _read_cache(file) for file in cache_files]
     if not stream:
-        needed = sum(source.layout.nbytes(len(source)) for source, cached in zip(sources, found) if cached is None)
+        needed = sum(source.layout.least_nbytes(len(source)) for source, cached in zip(sources, found)
+                     if cached is None)
         free = _free_bytes(cache_dir)
         if needed > free:
-            log(f"the decode cache would take {needed / 1e9:.2f} GB but {cache_dir} has {free / 1e9:.2f} GB free: "
-                f"streaming instead, decoding every image every epoch (--cache-dir on a larger disk caches it)")
+            log(f"the decode cache would take at least {needed / 1e9:.2f} GB but {cache_dir} has "
+                f"{free / 1e9:.2f} GB free: streaming instead, decoding every image every epoch (--cache-dir on "
+                f"a larger disk caches it)")
             stream = True
     if stream:
         return tuple(ImageTensorDataset(StreamingImages(source, workers, skip_bad_images), source.labels,
@@ -805,7 +913,7 @@ def _say_if_squashed(data: str, square: bool, crop_pct: float | None, log: Calla
     if square or crop_pct is not None:
         return
     log(f"the images of {data} are not square (the first is not): without crop_pct each is squashed to a square; "
-        f"crop_pct=1.0 resizes the shorter side and keeps the centre square (what vitcraft train does)")
+        f"crop_pct=1.0 resizes the shorter side and keeps the shape (what vitcraft train does)")
 
 
 def _free_bytes(folder: Path) -> int:
@@ -821,8 +929,9 @@ def _load_torchvision_splits(name: str, root: Path, image_size: int | None,
     train, test = (_load_torchvision(name, split, root) for split in ("train", "test"))
     if crop_pct is not None:
         size = image_size or train.image_size
-        train, test = (resize_dataset(dataset, *crop_pct_geometry(size, crop_pct, split))
-                       for dataset, split in ((train, "train"), (test, "test")))
+        shorter_side, crop = crop_pct_geometry(size, crop_pct)
+        # these datasets' images are square: the whole training image is its centre square
+        train, test = resize_dataset(train, shorter_side, shorter_side), resize_dataset(test, shorter_side, crop)
     elif image_size is not None and image_size != train.image_size:
         train, test = resize_dataset(train, image_size), resize_dataset(test, image_size)
     return train, test
@@ -923,6 +1032,8 @@ def iterate_batches(dataset: ImageTensorDataset, order: torch.Tensor, batch_size
                     prefetch: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (uint8 images (b, C, H, W), labels (b,)) in ``order``; the images through ``transform`` if given.
 
+    Images of different shapes come as a list of (C, H_i, W_i) (see ``ImageTensorDataset.batch``).
+
     With ``prefetch``, a background thread reads (and transforms) the next
     batch while the caller works on this one: reading pages of a memory-mapped
     cache from disk, and the batched augmentations, leave the training step's
@@ -933,9 +1044,7 @@ def iterate_batches(dataset: ImageTensorDataset, order: torch.Tensor, batch_size
     if isinstance(dataset.images, StreamingImages):
         batches = dataset.images.batches(indices, dataset.labels)
     else:
-        # index_select copies whole rows; indexing (images[index]) goes element by element, many times slower
-        batches = ((dataset.images.index_select(0, index), dataset.labels[index])
-                   for index in (index.to(dataset.images.device) for index in indices))
+        batches = ((dataset.batch(index), dataset.labels[index.to(dataset.labels.device)]) for index in indices)
     if transform is not None:
         batches = ((transform(images), labels) for images, labels in batches)
     return _in_background(batches) if prefetch else batches

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +190,11 @@ class DeiTAugment:
     def mixes(self) -> bool:
         """Whether targets become soft distributions (MixUp or CutMix on)."""
         return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
+
+    @property
+    def image_policy(self) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None:
+        """``policy`` when RandAugment or TrivialAugment is on, else None (what BatchAugment takes)."""
+        return self.policy if self.auto_augment is not None else None
 
     def policy(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """RandAugment / TrivialAugment per image (or chunk). uint8 (B, C, H, W) -> the same."""

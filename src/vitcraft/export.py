@@ -33,6 +33,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from vitcraft.augment import BatchAugment, Normalization
+from vitcraft.data import ImageTensorDataset
 from vitcraft.errors import VitcraftError
 from vitcraft.files import atomic_write
 from vitcraft.model import ViTForClassification
@@ -108,11 +110,14 @@ def _quiet_onnxruntime() -> Iterator[None]:
         root.setLevel(level)
 
 
-def calibration_images(images: torch.Tensor, normalization, count: int) -> torch.Tensor:
-    """What static int8 calibrates on: the first ``count`` of uint8 ``images`` (N, C, H, W) in a fixed shuffle,
-    as floats normalised by ``normalization``, as the model sees them. Out: (count, C, H, W) float32."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
-    return normalization(images[order].float() / 255)
+def calibration_images(dataset: ImageTensorDataset, normalization: Normalization, count: int,
+                       image_size: int) -> torch.Tensor:
+    """What static int8 calibrates on: the first ``count`` images of ``dataset`` (a training split) in a fixed
+    shuffle, as the model evaluates them: centre-cropped to image_size and normalised by ``normalization``.
+    Out: (count, C, image_size, image_size) float32."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
+    centre = BatchAugment(normalization, flip_p=0.0, crop_scale=None, output_size=image_size)
+    return centre(dataset.batch(order))
 
 
 def quantize_onnx(fp32_path: str | os.PathLike, path: str | os.PathLike, method: str = "dynamic",

@@ -63,7 +63,7 @@ def read_image_tensor(source: str | Path | bytes, metadata: dict, name: str | No
     model_config = metadata["model_config"]
     mode, size = colour_mode(model_config["num_channels"]), model_config["image_size"]
     if metadata.get("crop_pct"):  # the shorter side to size / crop_pct, then the centre size x size
-        shorter_side, crop = crop_pct_geometry(size, metadata["crop_pct"], "test")
+        shorter_side, crop = crop_pct_geometry(size, metadata["crop_pct"])
         array = read_image(source, mode, shorter_side, max_pixels, crop=crop)  # (H, W, C)
     else:
         array = read_image(source, mode, size, max_pixels)

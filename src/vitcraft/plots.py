@@ -311,7 +311,8 @@ def draw_samples(path: Path, dataset: ImageTensorDataset, augment: BatchAugment,
     """16 random training images after augmentation, as the model receives them (un-normalised)."""
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(dataset), generator=generator)[:16]
-    images = augment(dataset.images[index.to(dataset.images.device)].cpu(), generator)
+    batch = dataset.batch(index)
+    images = augment(batch.cpu() if isinstance(batch, torch.Tensor) else batch, generator)
     return plot_samples(augment.normalization.undo(images), dataset.labels[index.to(dataset.labels.device)].cpu(),
                         class_names, path)
 

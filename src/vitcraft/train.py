@@ -527,7 +527,7 @@ def calibrate(t: Training) -> tuple[float, float]:
         for images, labels in iterate_batches(t.train_set, order[:(CALIBRATION_STEPS + 1) * t.local_batch],
                                               t.local_batch):
             started = time.perf_counter()
-            images = t.augment(t.extra.policy(images, generator), generator)
+            images = t.augment(images, generator, t.extra.image_policy)
             train_step(trial, images, labels, t.cfg.learning_rate, generator, t.test_set.image_size)
             synchronize(t.device)
             seconds.append(time.perf_counter() - started)
@@ -598,7 +598,7 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
         source = read_source(out_dir if own else run.init)
     # the source's model decides the input size unless --image-size does: the data is resized to it
     image_size = run.data.image_size or (source.config.image_size if source else None)
-    # evaluation's crop; by default 1.0, the centre square of each image: no image is squashed
+    # evaluation's crop; by default 1.0, the shorter side at the model's size: no image is squashed
     crop_pct = run.data.crop_pct or (source.metadata.get("crop_pct") if source else None) or 1.0
     cache_dir = Path(run.data.cache_dir) if run.data.cache_dir else None
     train_set, test_set = ddp.local_main_first(lambda: load_splits(  # one decode per machine
@@ -796,7 +796,7 @@ def train_one_epoch(t: Training, epoch: int, board: TensorBoardLog, show_bar: bo
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show_bar, dynamic_ncols=True)
 
     def augment(images: torch.Tensor) -> torch.Tensor:
-        return pinned(t.augment(t.extra.policy(images, generator), generator), device)
+        return pinned(t.augment(images, generator, t.extra.image_policy), device)
 
     # a background thread reads the next batch while this one trains. On an accelerator it augments it too: the
     # CPU waits for the device anyway. Not on the CPU, where its work would take cores from the step's own
