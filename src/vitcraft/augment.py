@@ -129,13 +129,13 @@ def shorter_side_crop(height: int, width: int, shorter_side: int, crop: int) -> 
 
     Returns ((resized_height, resized_width), (top, left)) of the crop in the
     resized image. The resize is ``shorter_side_resized``, as timm's evaluation
-    transform does it. The
-    crop is the centre crop of the centre shorter_side square, each corner
-    rounded as torchvision's CenterCrop rounds it, so that the centre crop of a
-    training image (that square) is exactly the test image of the same file.
-    A direct CenterCrop(crop) of a non-square image can round its corner the
-    other way, one pixel off. The one place this geometry lives: decoding files,
-    resizing tensors and BatchAugment's centre crop agree to the pixel.
+    transform does it. The crop is the centre crop of the centre shorter_side
+    square, each corner rounded as torchvision's CenterCrop rounds it, so that
+    the centre crop of a training image (that square) is exactly the test image
+    of the same file. A direct CenterCrop(crop) of a non-square image can round
+    its corner the other way, one pixel off. The one place this geometry lives:
+    decoding files, resizing tensors and BatchAugment's centre crop agree to the
+    pixel.
     """
     resized = shorter_side_resized(height, width, shorter_side)
     if not 0 < crop <= shorter_side:
@@ -185,8 +185,9 @@ def resized_crop_normalised(images: torch.Tensor | list[torch.Tensor], boxes: to
     """
     channels = images[0].shape[0]
     out = torch.empty(len(images), channels, *size, dtype=torch.float32 if normalization else torch.uint8)
-    if normalization:  # normalised = pixel * scale + bias, one pass per image (equal to (pixel - mean) / std
-        mean, std = normalization.pixel_stats()  # up to float rounding)
+    if normalization:
+        # normalised = pixel * scale + bias: one pass per image, equal to (pixel - mean) / std up to rounding
+        mean, std = normalization.pixel_stats()
         scale, bias = 1 / std, -mean / std
     flips = flip.tolist() if flip is not None else [False] * len(images)
     for i, (image, (top, left, h, w), mirror) in enumerate(zip(images, boxes.long().tolist(), flips)):

@@ -31,7 +31,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -363,8 +363,8 @@ CACHE_VERSION = "v4"  # in every cache's fingerprint: v4, images of any shape wi
 
 @dataclass
 class Block:
-    """What decoding images start..stop-1 of a split produced: their bytes in the file ``path``, one after
-    another as (C, H, W) uint8, their heights and widths, and the (index, error) of those left out."""
+    """What decoding images start..stop-1 of a split produced: their bytes, written to the file ``path`` one
+    after another as (C, H, W) uint8, their heights and widths, and the (index, error) of those left out."""
 
     path: str
     heights: list[int]
@@ -372,46 +372,41 @@ class Block:
     bad: list[tuple[int, str]]
 
 
-def _decode_block(source: ImageSource, path: str, start: int, stop: int, skip_bad: bool) -> Block:
-    """Decode images start..stop-1 of ``source`` into the new file ``path``, one after another.
+def _decode_block(source: ImageSource, file: BinaryIO, start: int, stop: int, skip_bad: bool) -> Block:
+    """Decode images start..stop-1 of ``source``, writing them one after another to the open ``file``.
 
     An unreadable image raises (its error names it) or, with ``skip_bad``, is left out and listed.
     """
-    block = Block(path, [], [], [])
-    with open(path, "wb") as file:
-        for i in range(start, stop):
-            try:
-                image = source.decode(i)  # (C, H, W)
-            except VitcraftError as error:
-                if not skip_bad:
-                    raise
-                block.bad.append((i, str(error)))
-                continue
-            file.write(np.ascontiguousarray(image).data)
-            block.heights.append(image.shape[1])
-            block.widths.append(image.shape[2])
+    block = Block(file.name, [], [], [])
+    for i in range(start, stop):
+        try:
+            image = source.decode(i)  # (C, H, W)
+        except VitcraftError as error:
+            if not skip_bad:
+                raise
+            block.bad.append((i, str(error)))
+            continue
+        file.write(np.ascontiguousarray(image).data)
+        block.heights.append(image.shape[1])
+        block.widths.append(image.shape[2])
     return block
 
 
 def _decode_into(path: str, source: ImageSource, skip_bad: bool, workers: int) -> Block:
     """Decode every image of ``source`` into the file ``path``, on ``workers`` processes; what was written.
 
-    Each process decodes blocks of images into files of their own beside
-    ``path`` (named as atomic_write's temporaries of it, so that a killed
-    build's are removed by the next), which are appended to ``path`` in order
-    as they are done. A progress bar on a terminal. The images skipped
-    (``skip_bad``) are listed; otherwise the first unreadable one raises.
+    One process writes straight into ``path``. Several decode blocks of
+    images into files of their own beside ``path`` (named as atomic_write's
+    temporaries of it, so that a killed build's are removed by the next),
+    which are appended to ``path`` in order as they are done. A progress bar
+    on a terminal. The images skipped (``skip_bad``) are listed; otherwise the
+    first unreadable one raises.
     """
     blocks = [(start, min(start + BUILD_BLOCK, len(source))) for start in range(0, len(source), BUILD_BLOCK)]
-    temporary = TEMPORARY_NAME.fullmatch(Path(path).name)  # atomic_write's temporary of NAME is .NAME.<hex>.tmp
-    name = temporary.group(1) if temporary else Path(path).name
-    block_paths = [str(Path(path).with_name(f".{name}.{os.urandom(16).hex()}.tmp")) for _ in blocks]
     written = Block(path, [], [], [])
+    block_paths: list[str] = []
 
-    def append(block: Block, output) -> None:
-        with open(block.path, "rb") as file:
-            shutil.copyfileobj(file, output, 1 << 22)
-        os.unlink(block.path)
+    def record(block: Block) -> None:
         written.heights += block.heights
         written.widths += block.widths
         written.bad += block.bad
@@ -421,10 +416,14 @@ def _decode_into(path: str, source: ImageSource, skip_bad: bool, workers: int) -
     try:
         with bar, open(path, "wb") as output:
             if workers <= 1 or len(blocks) == 1:
-                for (start, stop), block_path in zip(blocks, block_paths):
-                    append(_decode_block(source, block_path, start, stop, skip_bad), output)
+                for start, stop in blocks:
+                    record(_decode_block(source, output, start, stop, skip_bad))
                     bar.update(stop - start)
                 return written
+            # atomic_write's temporary of NAME is .NAME.<hex>.tmp
+            temporary = TEMPORARY_NAME.fullmatch(Path(path).name)
+            name = temporary.group(1) if temporary else Path(path).name
+            block_paths = [str(Path(path).with_name(f".{name}.{os.urandom(16).hex()}.tmp")) for _ in blocks]
             # processes, not threads: decoding small images is Python-bound, and would hold the GIL
             # the source goes to each process once, not with every block: it lists every file of the split
             with ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_set_worker_source,
@@ -433,7 +432,11 @@ def _decode_into(path: str, source: ImageSource, skip_bad: bool, workers: int) -
                            for (start, stop), block_path in zip(blocks, block_paths)]
                 try:
                     for (start, stop), future in zip(blocks, futures):
-                        append(future.result(), output)
+                        block = future.result()
+                        with open(block.path, "rb") as file:
+                            shutil.copyfileobj(file, output, 1 << 22)
+                        os.unlink(block.path)
+                        record(block)
                         bar.update(stop - start)
                 except BaseException:
                     pool.shutdown(cancel_futures=True)
@@ -454,7 +457,8 @@ def _set_worker_source(source: ImageSource) -> None:
 
 
 def _decode_worker_block(path: str, start: int, stop: int, skip_bad: bool) -> Block:
-    return _decode_block(_worker_source, path, start, stop, skip_bad)
+    with open(path, "wb") as file:
+        return _decode_block(_worker_source, file, start, stop, skip_bad)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -582,13 +586,13 @@ def _build_cache(cache_file: Path, source: ImageSource, skip_bad: bool, workers:
     written: list[Block] = []
     try:
         atomic_write(images_file, lambda temp: written.append(_decode_into(temp, source, skip_bad, workers)))
-        block = written[0]
-        skipped = {i for i, _ in block.bad}
+        split = written[0]
+        skipped = {i for i, _ in split.bad}
         kept = [i for i in range(len(source)) if i not in skipped]
         metadata = {"class_names": json.dumps(source.class_names), "channels": str(source.layout.channels),
-                    "skipped": json.dumps([error for _, error in block.bad])}
-        save_tensors_atomic(cache_file, {"labels": source.labels[kept], "heights": torch.tensor(block.heights),
-                                         "widths": torch.tensor(block.widths)}, metadata)
+                    "skipped": json.dumps([error for _, error in split.bad])}
+        save_tensors_atomic(cache_file, {"labels": source.labels[kept], "heights": torch.tensor(split.heights),
+                                         "widths": torch.tensor(split.widths)}, metadata)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             with contextlib.suppress(FileNotFoundError):

@@ -30,12 +30,11 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from vitcraft.augment import sample_crop_boxes
+from vitcraft.augment import Policy, sample_crop_boxes
 from vitcraft.config import AUTO_AUGMENTS
 from vitcraft.errors import VitcraftError
 
@@ -192,7 +191,7 @@ class DeiTAugment:
         return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
 
     @property
-    def image_policy(self) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None:
+    def image_policy(self) -> Policy | None:
         """``policy`` when RandAugment or TrivialAugment is on, else None (what BatchAugment takes)."""
         return self.policy if self.auto_augment is not None else None
 
