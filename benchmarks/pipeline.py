@@ -5,7 +5,7 @@
 
 The photos: CIFAR-10 images upscaled to 320 x 256 with a Lanczos filter and
 saved as JPEG (quality 90) into ``--work`` once (non-square, so that nothing
-can be squashed unseen). Three pipelines read them, each in a fresh process,
+can be squashed unseen). Four pipelines read them, each in a fresh process,
 one after the other, over the same epoch:
 
 * torchvision: ``ImageFolder`` + ``RandomResizedCrop(224, scale=(0.8, 1))``,
@@ -13,13 +13,15 @@ one after the other, over the same epoch:
   usual timm and tutorial pipeline; the crop scale is vitcraft's default);
 * vitcraft, cached: the split decoded once (timed on its own: the one-off
   build) with ``--crop-pct 0.875`` into the memory-mapped cache, then batches
-  read by index in the prefetch thread and augmented whole (as ``vitcraft
-  train`` does on the CPU);
+  read by index in the prefetch thread and augmented whole in the loop's
+  thread (as ``vitcraft train`` does on the CPU);
+* vitcraft, cached, augmented ahead: the same, augmented in the prefetch
+  thread too, while the step trains (as ``vitcraft train`` does on a GPU);
 * vitcraft, streaming (``--no-cache``): DataLoader workers decode each batch.
 
 Each is timed twice: the pipeline alone (batches produced and dropped) and a
 whole training epoch of a small ViT (patch 32, 6 blocks of width 192, the
-same model, optimizer and precision for all three), so the figures show what
+same model, optimizer and precision for all four), so the figures show what
 the pipeline costs and what is left of it once a model trains.
 
 Then memory: a training process on the cached split, in a memory cgroup
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
 
+AHEAD = "vitcraft cached, augmented ahead"
 PHOTO_SIZE = (320, 256)  # width, height of the made photos
 IMAGE_SIZE, CROP_PCT, BATCH = 224, 0.875, 64
 SMALL_VIT = {"image_size": IMAGE_SIZE, "patch_size": 32, "hidden_size": 192, "num_hidden_layers": 6,
@@ -90,7 +93,7 @@ def torchvision_batches(root: Path, epoch: int):
     return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=2), len(dataset)
 
 
-def vitcraft_batches(root: Path, cache: Path, stream: bool, epoch: int):
+def vitcraft_batches(root: Path, cache: Path, stream: bool, ahead: bool, epoch: int):
     from vitcraft.augment import Normalization
     from vitcraft.config import TrainConfig
     from vitcraft.data import epoch_indices, iterate_batches, load_splits
@@ -102,7 +105,10 @@ def vitcraft_batches(root: Path, cache: Path, stream: bool, epoch: int):
     augment, _ = build_augmentations(TrainConfig(), Normalization.for_channels(3), 10, output_size=IMAGE_SIZE)
     generator = torch.Generator().manual_seed(epoch)
     order = epoch_indices(len(train), 0, epoch)
-    # as vitcraft train on the CPU: the prefetch thread reads, the loop's thread augments
+    if ahead:  # the prefetch thread reads and augments the next batch while this one trains
+        batches = iterate_batches(train, order, BATCH, prefetch=True, transform=lambda x: augment(x, generator))
+        return batches, len(train)
+    # the prefetch thread reads, the loop's thread augments
     batches = iterate_batches(train, order, BATCH, prefetch=True)
     return ((augment(images, generator), labels) for images, labels in batches), len(train)
 
@@ -121,7 +127,7 @@ def run_pipeline(name: str, root: str, cache: str, train_model: bool, precision:
     if name == "torchvision":
         batches, count = torchvision_batches(root_path, 0)
     else:
-        batches, count = vitcraft_batches(root_path, Path(cache), name == "vitcraft streaming", 0)
+        batches, count = vitcraft_batches(root_path, Path(cache), name == "vitcraft streaming", name == AHEAD, 0)
     started = time.perf_counter()
     seen = 0
     for images, labels in batches:
@@ -267,12 +273,12 @@ def main() -> None:
           f"{decoded / 1e9:.2f} GB on disk (train {tuple(train.images.shape)}, test {tuple(test.images.shape)})")
     del train, test
 
-    names = ("torchvision", "vitcraft cached", "vitcraft streaming")
+    names = ("torchvision", "vitcraft cached", AHEAD, "vitcraft streaming")
     rows = {}
     for train_model in () if args.memory_only else (False,) if args.skip_training else (False, True):
         for name in names:
             rows[name, train_model] = in_fresh_process(name, str(root), str(cache), train_model, args.precision)[0]
-            print(f"  {name:<20} {'training epoch' if train_model else 'pipeline alone':<15} "
+            print(f"  {name:<34} {'training epoch' if train_model else 'pipeline alone':<15} "
                   f"{rows[name, train_model]:7.0f} images/s", flush=True)
     if rows:
         print_table(names, rows, args.skip_training)
