@@ -2,15 +2,16 @@
 
     python benchmarks/inference.py RUN_DIR [--rounds 5] [--latency-calls 200]
 
-For the run's model (say seed-tiny trained on ../shared/data/cifar10-jpeg)
-and a ViT-Ti/16-shaped model at 224 px (random weights: speed and size only):
+For the run's model (say seed-tiny trained on ../shared/data/cifar10-jpeg) and
+a ViT-Ti/16-shaped model at 224 px (random weights: speed and size only):
 vitcraft in PyTorch (fp32, and bf16 autocast on a CPU with bf16 units), timm
-with the same weights, ONNX Runtime fp32, and ONNX Runtime int8 (static and
-dynamic quantisation, ``vitcraft export --quantize int8``). Printed per
-contender: images/s at batch 1 and 64 (the median of ``--rounds``
+with the same weights, ONNX Runtime fp32 (the plain export, and the graph with
+onnxruntime's fused ops that int8 is quantised from), and ONNX Runtime
+int8 (static and dynamic quantisation, ``vitcraft export --quantize int8``).
+Printed per contender: images/s at batch 1 and 64 (the median of ``--rounds``
 round-robin rounds), latency p50 and p99 at batch 1, size on disk, test
-accuracy (the run's model only), and the ratio to ONNX Runtime fp32 at batch
-64. The CPU class and the measured GEMM peak come first.
+accuracy (the run's model only), and the ratios to ONNX Runtime fp32 (speed at
+batch 64, size). The CPU class and the measured GEMM peak come first.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from machine import describe  # noqa: E402
 
 from vitcraft import create_model  # noqa: E402
 from vitcraft.device import autocast, autocast_dtype  # noqa: E402
-from vitcraft.export import OnnxModel, calibration_images, export_onnx, quantize_onnx  # noqa: E402
+from vitcraft.export import OnnxModel, calibration_images, export_int8, export_onnx  # noqa: E402
 from vitcraft.files import save_tensors_atomic  # noqa: E402
 from vitcraft.interop import to_timm_kwargs, to_timm_state_dict  # noqa: E402
 from vitcraft.runs import load_trained_model  # noqa: E402
@@ -64,10 +65,12 @@ def contenders(model: torch.nn.Module, folder: Path, calibration: torch.Tensor):
 
     yield "timm, same weights, fp32", timm_call, weights
     fp32 = export_onnx(model, folder / "model.onnx")
-    files = {"ONNX Runtime fp32": fp32}
+    # the graph the int8 files are quantised from: onnxruntime's fused ops, in float32
+    files = {"ONNX Runtime fp32": fp32,
+             "ONNX Runtime fp32, fused ops": export_onnx(model, folder / "model-fused.onnx", onnxruntime_ops=True)}
     for method in ("static", "dynamic"):
-        files[f"ONNX Runtime int8 ({method})"] = quantize_onnx(fp32, folder / f"model-int8-{method}.onnx", method,
-                                                               calibration)
+        files[f"ONNX Runtime int8 ({method})"] = export_int8(model, folder / f"model-int8-{method}.onnx", method,
+                                                             calibration)
     for name, path in files.items():
         session = OnnxModel(path)
         yield name, (lambda x, session=session: session(x)[0]), path
@@ -111,14 +114,14 @@ def measure(title: str, model: torch.nn.Module, normalize: Callable, calibration
                          1000 * latency[len(latency) // 2], 1000 * latency[min(len(latency) - 1,
                                                                              int(0.99 * len(latency)))],
                          path.stat().st_size / 2**20, acc))
-    reference = next(row[2] for row in rows if row[0] == "ONNX Runtime fp32")
+    reference = next(row for row in rows if row[0] == "ONNX Runtime fp32")
     print(f"\n{title}")
     print("| runtime | img/s batch 1 | img/s batch 64 | x ORT fp32 (batch 64) | p50 ms | p99 ms | MB on disk "
-          "| test accuracy |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| size x ORT fp32 | test accuracy |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, rate1, rate64, p50, p99, size, acc in rows:
-        print(f"| {name} | {rate1:.0f} | {rate64:.0f} | {rate64 / reference:.2f} | {p50:.2f} | {p99:.2f} | "
-              f"{size:.2f} | {acc} |")
+        print(f"| {name} | {rate1:.0f} | {rate64:.0f} | {rate64 / reference[2]:.2f} | {p50:.2f} | {p99:.2f} | "
+              f"{size:.2f} | {size / reference[5]:.2f} | {acc} |")
 
 
 def main() -> None:

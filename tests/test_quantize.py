@@ -5,7 +5,7 @@ import torch
 from conftest import small_run, train_quietly
 
 from vitcraft.cli import main
-from vitcraft.export import OnnxModel
+from vitcraft.export import OnnxModel, export_onnx
 from vitcraft.runs import load_trained_model
 
 pytest.importorskip("onnx")
@@ -51,6 +51,10 @@ def test_int8_runs_in_onnxruntime_and_agrees_with_fp32(run_dir, tiny_folder, met
     assert (int8 == fp32).float().mean() >= MIN_TOP1_AGREEMENT
     # the matrix products' weights are int8 now: few float32 numbers are left (norms, positions, biases)
     assert float32_numbers(out) < 0.1 * sum(p.numel() for p in model.parameters())
+    # and the graph around them is written compactly: dynamic (the default) a third of the float32 export
+    # or less; static adds a quantise/dequantise pair, scale and zero point per activation
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx")
+    assert out.stat().st_size < fp32.stat().st_size / (3 if method == "dynamic" else 2)
 
 
 def float32_numbers(path) -> int:

@@ -11,7 +11,6 @@ import csv
 import dataclasses
 import json
 import sys
-import tempfile
 import typing
 from datetime import datetime
 from pathlib import Path
@@ -561,9 +560,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         train_set, test_set = _run_splits(Path(args.run_dir), args, metadata)
         calibration = export.calibration_images(train_set, normalization, args.calibration_images,
                                                 test_set.image_size)
-    with tempfile.TemporaryDirectory() as folder:
-        fp32 = export.export_onnx(model, Path(folder) / "model.onnx")
-        written = export.quantize_onnx(fp32, out, args.int8_method, calibration)
+    written = export.export_int8(model, out, args.int8_method, calibration)
     how = f"calibrated on {len(calibration)} training images" if calibration is not None else "no calibration"
     print(f"wrote {written} (int8, {args.int8_method}: {how})")
 

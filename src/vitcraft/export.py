@@ -8,12 +8,15 @@ dimension left free. Input ``pixel_values`` (B, C, H, W) float32; output
 ONNX uses torch's TorchScript-based exporter (``dynamo=False``): the newer
 dynamo exporter needs the ``onnxscript`` package, which vitcraft does not
 depend on, while the TorchScript one works with torch alone. Every attention
-backend exports (sdpa becomes plain ONNX MatMul/Softmax ops). Files are
-written atomically (vitcraft.files), so a failed export leaves no half file.
+backend exports (sdpa becomes plain ONNX MatMul/Softmax ops, or onnxruntime's
+fused ops where asked). Files are written atomically
+(vitcraft.files), so a failed export leaves no half file.
 
-int8 (:func:`quantize_onnx`) is onnxruntime's quantisation of that graph:
-static (weights and activations in int8, the activations' ranges calibrated
-on training images) or dynamic (int8 weights, activation ranges computed per
+int8 (:func:`export_int8`) is onnxruntime's quantisation
+(:func:`quantize_onnx`) of a graph whose attention and GELU are onnxruntime's
+own fused ops, so the int8 file is for onnxruntime (the float32 export stays plain ONNX):
+static (weights and activations in int8, the activations' ranges calibrated on
+training images) or dynamic (int8 weights, activation ranges computed per
 batch at run time). :class:`OnnxModel` runs an exported file in onnxruntime
 behind the model's own call signature, so ``train.evaluate`` scores it as it
 scores the PyTorch model.
@@ -26,18 +29,20 @@ import copy
 import importlib.util
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitcraft.augment import BatchAugment, Normalization
 from vitcraft.data import ImageTensorDataset
 from vitcraft.errors import VitcraftError
 from vitcraft.files import atomic_write
-from vitcraft.model import ViTForClassification
+from vitcraft.model import FasterMultiHeadAttention, MultiHeadAttention, NewGELUActivation, ViTForClassification
 
 DEFAULT_OPSET = 17  # widely supported by onnxruntime; has LayerNormalization
 
@@ -56,15 +61,104 @@ class LogitsOnly(nn.Module):
         return self.model(pixel_values)[0]
 
 
+class _OnnxRuntimeAttention(torch.autograd.Function):
+    """Scaled dot-product attention of all heads, which the ONNX exporter writes as one onnxruntime
+    ``MultiHeadAttention`` op (com.microsoft domain). In: query, key, value, each (B, N, hidden) with the heads
+    side by side. Out: (B, N, hidden), likewise."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+        batch_size, num_tokens, hidden_size = query.shape
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, hidden) -> (B, heads, N, head_size)
+            return x.view(batch_size, num_tokens, heads, hidden_size // heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value))
+        return out.transpose(1, 2).reshape(batch_size, num_tokens, hidden_size)
+
+    @staticmethod
+    def symbolic(g, query, key, value, heads: int):
+        out = g.op("com.microsoft::MultiHeadAttention", query, key, value, num_heads_i=heads)
+        out.setType(query.type())  # the query's shape and type: torch cannot infer a contrib op's
+        return out
+
+
+class OnnxRuntimeAttention(nn.Module):
+    """An attention module as three products (q, k, v), onnxruntime's fused ``MultiHeadAttention`` op, then
+    the output projection (export only).
+
+    The products stay plain MatMuls, which onnxruntime's dynamic int8 quantisation turns into int8 ones; the
+    attention itself is one kernel instead of a split and a dozen small reshapes, transposes and products.
+    Calls with a bias on the scores (Swin), fewer queries or the attention probabilities asked for go to the
+    module itself. In: (B, N, hidden). Out: ((B, N, hidden), None), as FasterMultiHeadAttention returns.
+    """
+
+    def __init__(self, attention: FasterMultiHeadAttention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, *,
+                attention_bias: torch.Tensor | None = None, num_queries: int | None = None):
+        if output_attentions or attention_bias is not None or num_queries is not None:
+            return self.attention(x, output_attentions, attention_bias=attention_bias, num_queries=num_queries)
+        qkv = self.attention.qkv_projection
+        biases = qkv.bias.chunk(3) if qkv.bias is not None else (None,) * 3
+        # (3 * hidden, hidden) rows are [q | k | v]: one constant weight per product in the graph
+        query, key, value = (F.linear(x, weight, bias) for weight, bias in zip(qkv.weight.chunk(3), biases))
+        out = _OnnxRuntimeAttention.apply(query, key, value, self.attention.num_attention_heads)
+        return self.attention.output_projection(out), None
+
+
+class _FastGelu(torch.autograd.Function):
+    """GELU in its tanh form, which the ONNX exporter writes as onnxruntime's ``FastGelu`` op (the same
+    formula, one kernel instead of eight elementwise ops). Any shape in, the same out."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def symbolic(g, x):
+        out = g.op("com.microsoft::FastGelu", x)
+        out.setType(x.type())
+        return out
+
+
+class OnnxRuntimeGelu(nn.Module):
+    """NewGELUActivation as onnxruntime's FastGelu op (export only). In: any shape. Out: the same shape."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FastGelu.apply(x)
+
+
+def _with_onnxruntime_ops(model: nn.Module) -> None:
+    """Replace, in place, every attention module of ``model`` with OnnxRuntimeAttention (per-head ones fused
+    first: FasterMultiHeadAttention loads their weights) and every tanh GELU with OnnxRuntimeGelu."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, MultiHeadAttention):
+                fused = FasterMultiHeadAttention(model.config)
+                fused.load_state_dict(child.state_dict())
+                child = fused
+            if isinstance(child, FasterMultiHeadAttention):
+                setattr(parent, name, OnnxRuntimeAttention(child))
+            elif isinstance(child, NewGELUActivation):
+                setattr(parent, name, OnnxRuntimeGelu())
+
+
 @contextlib.contextmanager
-def _export_copy(model: ViTForClassification) -> Iterator[tuple[LogitsOnly, torch.Tensor]]:
+def _export_copy(model: ViTForClassification,
+                 onnxruntime_ops: bool = False) -> Iterator[tuple[LogitsOnly, torch.Tensor]]:
     """An eval-mode CPU float32 copy of the model, wrapped, and an example input (2 images).
 
     A copy, so the caller's model keeps its mode, device and dtype. Tracing
     records the input-shape check in PatchEmbeddings as a constant (torch warns
     about it); that is right, as the image size is fixed, so the warning is hidden.
     """
-    wrapper = LogitsOnly(copy.deepcopy(model).float().cpu().eval())
+    copied = copy.deepcopy(model).float().cpu().eval()
+    if onnxruntime_ops:
+        _with_onnxruntime_ops(copied)
+    wrapper = LogitsOnly(copied)
     config = model.config
     example = torch.randn(2, config.num_channels, config.image_size, config.image_size)
     with warnings.catch_warnings():
@@ -72,15 +166,20 @@ def _export_copy(model: ViTForClassification) -> Iterator[tuple[LogitsOnly, torc
         yield wrapper, example
 
 
-def export_onnx(model: ViTForClassification, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(model: ViTForClassification, path: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                onnxruntime_ops: bool = False) -> Path:
     """Write the model as an ONNX graph with a dynamic batch axis; returns the path.
 
     Input ``pixel_values`` (batch, C, H, W), output ``logits`` (batch, num_classes).
+    Plain ONNX ops, unless ``onnxruntime_ops``: then each attention is
+    onnxruntime's ``MultiHeadAttention`` op (OnnxRuntimeAttention) and each
+    tanh GELU its ``FastGelu`` op, a graph only onnxruntime runs, and faster
+    there, in float32 and int8 (docs/deploy.md).
     Needs the ``onnx`` package (``pip install 'vitcraft[onnx]'``).
     """
     if importlib.util.find_spec("onnx") is None:  # torch's exporter builds the graph with it
         raise VitcraftError("exporting to ONNX needs the onnx package: pip install onnx")
-    with _export_copy(model) as (wrapper, example), warnings.catch_warnings():
+    with _export_copy(model, onnxruntime_ops) as (wrapper, example), warnings.catch_warnings():
         # torch announces that this exporter is the legacy one; see the module docstring for why
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -94,6 +193,8 @@ INT8_METHODS = ("static", "dynamic")
 # the matrix products carry nearly all the arithmetic and the weights; LayerNorm, softmax, GELU and the
 # residual adds stay in float32, where int8 would cost accuracy and add quantise/dequantise pairs
 QUANTIZED_OPS = ["MatMul", "Gemm", "Conv"]
+# dynamic: the patch convolution stays float32, as onnxruntime's ConvInteger is slower than its float one
+DYNAMIC_QUANTIZED_OPS = ["MatMul", "Gemm"]
 
 
 @contextlib.contextmanager
@@ -120,6 +221,27 @@ def calibration_images(dataset: ImageTensorDataset, normalization: Normalization
     return centre(dataset.batch(order))
 
 
+def _compact_onnx(path: str) -> None:
+    """Rewrite the ONNX file ``path`` smaller, computing the same: no shape annotations, node names or doc
+    strings, and the tensors between nodes named by number (in a small model's int8 file the names weigh
+    as much as the weights). The inputs, outputs and weights keep their names."""
+    import onnx
+
+    model = onnx.load(path)
+    graph = model.graph
+    del graph.value_info[:]
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    renamed: dict[str, str] = {}
+    for node in graph.node:  # in topological order: a tensor is renamed where it is made, before it is read
+        node.name, node.doc_string = "", ""
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                node.output[i] = renamed[name] = f"t{len(renamed)}"
+    onnx.save(model, path)
+
+
 def quantize_onnx(fp32_path: str | os.PathLike, path: str | os.PathLike, method: str = "dynamic",
                   calibration: torch.Tensor | None = None, batch_size: int = 32) -> Path:
     """Write the int8 quantisation of the ONNX file ``fp32_path`` to ``path``; returns the path.
@@ -130,6 +252,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, path: str | os.PathLike, method:
     per batch at run time (no calibration). Needs onnxruntime (``pip install onnxruntime``).
     """
     try:
+        import onnx
         from onnxruntime import quantization
     except ImportError:
         raise VitcraftError("int8 export needs onnxruntime: pip install onnxruntime") from None
@@ -159,13 +282,25 @@ def quantize_onnx(fp32_path: str | os.PathLike, path: str | os.PathLike, method:
                 else:
                     # only products with a weight: attention's two activation-by-activation products would
                     # quantise both inputs at run time, costing more than their small int8 products save
-                    quantization.quantize_dynamic(str(prepared), temp, op_types_to_quantize=QUANTIZED_OPS,
+                    # (the type of a contrib op's output is unknown to ONNX's shape inference: float32)
+                    quantization.quantize_dynamic(str(prepared), temp, op_types_to_quantize=DYNAMIC_QUANTIZED_OPS,
                                                   weight_type=quantization.QuantType.QInt8,
-                                                  extra_options={"MatMulConstBOnly": True})
+                                                  extra_options={"MatMulConstBOnly": True,
+                                                                 "DefaultTensorType": onnx.TensorProto.FLOAT})
+            _compact_onnx(temp)
         finally:
             prepared.unlink(missing_ok=True)
 
     return atomic_write(path, write)
+
+
+def export_int8(model: ViTForClassification, path: str | os.PathLike, method: str = "dynamic",
+                calibration: torch.Tensor | None = None) -> Path:
+    """Export ``model`` with onnxruntime's fused ops (export_onnx) and write its int8 quantisation
+    (quantize_onnx) to ``path``; returns the path. The float32 graph between is not kept."""
+    with tempfile.TemporaryDirectory() as folder:
+        fp32 = export_onnx(model, Path(folder) / "model.onnx", onnxruntime_ops=True)
+        return quantize_onnx(fp32, path, method, calibration)
 
 
 class OnnxModel(nn.Module):
