@@ -63,18 +63,18 @@ class LogitsOnly(nn.Module):
 
 class _OnnxRuntimeAttention(torch.autograd.Function):
     """Scaled dot-product attention of all heads, which the ONNX exporter writes as one onnxruntime
-    ``MultiHeadAttention`` op (com.microsoft domain). In: query, key, value, each (B, N, hidden) with the heads
-    side by side. Out: (B, N, hidden), likewise."""
+    ``MultiHeadAttention`` op (com.microsoft domain). In: query (B, Q, hidden), key and value (B, N, hidden),
+    the heads side by side. Out: (B, Q, hidden), likewise."""
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
-        batch_size, num_tokens, hidden_size = query.shape
+        batch_size, num_queries, hidden_size = query.shape
 
-        def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, hidden) -> (B, heads, N, head_size)
-            return x.view(batch_size, num_tokens, heads, hidden_size // heads).transpose(1, 2)
+        def split(x: torch.Tensor) -> torch.Tensor:  # (B, L, hidden) -> (B, heads, L, head_size)
+            return x.view(batch_size, x.shape[1], heads, hidden_size // heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(query), split(key), split(value))
-        return out.transpose(1, 2).reshape(batch_size, num_tokens, hidden_size)
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value))  # (B, heads, Q, head_size)
+        return out.transpose(1, 2).reshape(batch_size, num_queries, hidden_size)
 
     @staticmethod
     def symbolic(g, query, key, value, heads: int):
@@ -89,9 +89,12 @@ class OnnxRuntimeAttention(nn.Module):
 
     The products stay plain MatMuls, which onnxruntime's dynamic int8 quantisation turns into int8 ones; the
     attention itself is one kernel instead of a split and a dozen small reshapes, transposes and products.
-    Calls with a bias on the scores (Swin), fewer queries or the attention probabilities asked for go to the
-    module itself. In: (B, N, hidden). Out: ((B, N, hidden), None), as FasterMultiHeadAttention returns.
+    ``num_queries`` computes the first tokens' queries only, as FasterMultiHeadAttention does. Calls with a
+    bias on the scores (Swin) or the attention probabilities asked for go to the module itself.
+    In: (B, N, hidden). Out: ((B, Q, hidden), None), Q = N or ``num_queries``.
     """
+
+    takes_num_queries = True
 
     def __init__(self, attention: FasterMultiHeadAttention):
         super().__init__()
@@ -99,12 +102,15 @@ class OnnxRuntimeAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False, *,
                 attention_bias: torch.Tensor | None = None, num_queries: int | None = None):
-        if output_attentions or attention_bias is not None or num_queries is not None:
+        if output_attentions or attention_bias is not None:
             return self.attention(x, output_attentions, attention_bias=attention_bias, num_queries=num_queries)
         qkv = self.attention.qkv_projection
-        biases = qkv.bias.chunk(3) if qkv.bias is not None else (None,) * 3
         # (3 * hidden, hidden) rows are [q | k | v]: one constant weight per product in the graph
-        query, key, value = (F.linear(x, weight, bias) for weight, bias in zip(qkv.weight.chunk(3), biases))
+        weights = qkv.weight.chunk(3)
+        biases = qkv.bias.chunk(3) if qkv.bias is not None else (None,) * 3
+        queries = x if num_queries is None else x[:, :num_queries]
+        query = F.linear(queries, weights[0], biases[0])  # (B, Q, hidden)
+        key, value = (F.linear(x, weight, bias) for weight, bias in zip(weights[1:], biases[1:]))  # (B, N, hidden)
         out = _OnnxRuntimeAttention.apply(query, key, value, self.attention.num_attention_heads)
         return self.attention.output_projection(out), None
 

@@ -191,6 +191,8 @@ class FasterMultiHeadAttention(nn.Module):
     or ``num_queries``.
     """
 
+    takes_num_queries = True  # Block.forward_first_tokens asks for the first queries only
+
     def __init__(self, config: ViTConfig | Mapping[str, Any], use_sdpa: bool = False):
         super().__init__()
         config = as_config(config)
@@ -339,7 +341,7 @@ class Block(nn.Module):
         computes all of them and the rest are dropped (no saving).
         In: (B, N, hidden). Out: (B, count, hidden).
         """
-        if not isinstance(self.attention, FasterMultiHeadAttention):
+        if not getattr(self.attention, "takes_num_queries", False):
             return self(x)[0][:, :count]
         attention_output, _ = self.attention(self.layernorm_1(x), num_queries=count)
         x = x[:, :count] + self.drop_path(attention_output)  # (B, count, hidden)
