@@ -161,10 +161,10 @@ def _export_copy(model: ViTForClassification,
     records the input-shape check in PatchEmbeddings as a constant (torch warns
     about it); that is right, as the image size is fixed, so the warning is hidden.
     """
-    copied = copy.deepcopy(model).float().cpu().eval()
+    copied = copy.deepcopy(model).float().cpu()
     if onnxruntime_ops:
         _with_onnxruntime_ops(copied)
-    wrapper = LogitsOnly(copied)
+    wrapper = LogitsOnly(copied.eval())  # eval after the swap: the modules it makes are in training mode
     config = model.config
     example = torch.randn(2, config.num_channels, config.image_size, config.image_size)
     with warnings.catch_warnings():
