@@ -542,8 +542,9 @@ class RaggedImages:
     def index_select(self, dim: int, index: torch.Tensor) -> "RaggedImages":
         if dim != 0:
             raise ValueError("RaggedImages selects images only (dim 0)")
-        images = self[index]
-        flat = torch.cat([image.reshape(-1) for image in images]) if images else torch.empty(0, dtype=torch.uint8)
+        # one copy: cat reads the chosen images' views of the buffer
+        views = [self.image(i).reshape(-1) for i in index.tolist()]
+        flat = torch.cat(views) if views else torch.empty(0, dtype=torch.uint8)
         return RaggedImages(flat, self.heights[index], self.widths[index], self.channels)
 
 
