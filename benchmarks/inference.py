@@ -8,8 +8,9 @@ vitcraft in PyTorch (fp32, and bf16 autocast on a CPU with bf16 units), timm
 with the same weights, ONNX Runtime fp32 (the plain export, and the graph with
 onnxruntime's fused ops that int8 is quantised from), and ONNX Runtime
 int8 (static and dynamic quantisation, ``vitcraft export --quantize int8``).
-Printed per contender: images/s at batch 1 and 64 (the median of ``--rounds``
-round-robin rounds), latency p50 and p99 at batch 1, size on disk, test
+Printed per contender: images/s at batch 1 and 64 (at 64, the median of
+``--rounds`` round-robin rounds, each the median call of at least a second of
+calls after a warm-up), latency p50 and p99 at batch 1, size on disk, test
 accuracy (the run's model only), and the ratios to ONNX Runtime fp32 (speed at
 batch 64, size). The CPU class and the measured GEMM peak come first.
 """
@@ -76,11 +77,20 @@ def contenders(model: torch.nn.Module, folder: Path, calibration: torch.Tensor):
         yield name, (lambda x, session=session: session(x)[0]), path
 
 
-def timed(call: Callable, batch: torch.Tensor, calls: int) -> list[float]:
-    """Seconds of each of ``calls`` calls on ``batch`` (after one warm-up call)."""
-    call(batch)
-    seconds = []
-    for _ in range(calls):
+def timed(call: Callable, batch: torch.Tensor, calls: int, min_seconds: float = 0.0) -> list[float]:
+    """Seconds of each call on ``batch``: at least ``calls`` calls and at least ``min_seconds`` in all.
+
+    Warm-up calls come first, for at least a fifth of ``min_seconds``: the thread pools of the
+    runtime measured before (PyTorch's, another onnxruntime session's) spin on for a while after
+    their last call and would otherwise share the two cores with this one's first calls.
+    """
+    started = time.perf_counter()
+    while True:
+        call(batch)
+        if time.perf_counter() - started >= min_seconds / 5:
+            break
+    seconds: list[float] = []
+    while len(seconds) < calls or sum(seconds) < min_seconds:
         started = time.perf_counter()
         call(batch)
         seconds.append(time.perf_counter() - started)
@@ -105,10 +115,10 @@ def measure(title: str, model: torch.nn.Module, normalize: Callable, calibration
         rates = {name: [] for name, _, _ in runtimes}
         for _ in range(rounds):  # round-robin: drift in the machine's speed hits every runtime alike
             for name, call, _ in runtimes:
-                rates[name].append(64 / statistics.median(timed(call, many, 3)))
+                rates[name].append(64 / statistics.median(timed(call, many, 3, min_seconds=1.0)))
         rows = []
         for name, call, path in runtimes:
-            latency = sorted(timed(call, one, latency_calls))
+            latency = sorted(timed(call, one, latency_calls, min_seconds=0.5))
             acc = f"{100 * accuracy(call, *test, normalize):.2f}%" if test else "-"
             rows.append((name, 1 / statistics.median(latency), statistics.median(rates[name]),
                          1000 * latency[len(latency) // 2], 1000 * latency[min(len(latency) - 1,
