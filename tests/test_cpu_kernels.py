@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import platform
 import re
 import shutil
 import warnings
@@ -380,33 +381,53 @@ def test_a_kernel_call_with_a_missing_or_unknown_argument_raises_before_reaching
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs cc")
 @pytest.mark.slow
+def _every_kernel(seed: int = 5) -> list[torch.Tensor]:
+    """The outputs and gradients of every kernel on uneven shapes, with dropout, through the current library."""
+    torch.manual_seed(seed)
+    qkv = torch.randn(6, 33, 3, 2, 12, requires_grad=True)  # head size 12: one and a half vectors of 8
+    x = torch.randn(3000, requires_grad=True)
+    rows = torch.randn(700, 24, requires_grad=True)  # LayerNorm row blocks of 256, split unevenly
+    weight = torch.randn(24, requires_grad=True)
+    out = cpu_kernels.attention(qkv, 33, 0.2)
+    dropped = cpu_kernels.dropout(x, 0.3)
+    activated = cpu_kernels.gelu_tanh(x)
+    normalised = cpu_kernels.layer_norm(rows, weight, torch.zeros(24), 1e-5)
+    (out.sum() + dropped.sum() + activated.square().sum() + normalised.square().sum()).backward()
+    return [out, dropped, activated, normalised, qkv.grad, x.grad, rows.grad, weight.grad]
+
+
+def _built(tmp_path, flags: list[str], extra: list[str]) -> ctypes.CDLL:
+    target = tmp_path / "kernels.so"
+    cpu_kernels._compile(shutil.which("cc"), target, flag_sets=[flags], extra=extra)
+    built = ctypes.CDLL(str(target))
+    cpu_kernels._declare(built)
+    return built
+
+
 def test_a_build_without_openmp_splits_the_work_over_python_threads_with_the_same_results(monkeypatch, tmp_path):
     # Apple's clang has no OpenMP: the kernels then run single-threaded per call and
-    # Python splits each range over threads; the results must not change
-    target = tmp_path / "plain.so"
-    cpu_kernels._compile(shutil.which("cc"), target, flag_sets=[["-fopenmp-simd"]])
-    plain = ctypes.CDLL(str(target))
-    cpu_kernels._declare(plain)
+    # Python splits each range over threads; the results must not change. Built for the same
+    # processor as the library it is compared with: the vector width follows the instruction set.
+    plain = _built(tmp_path, ["-fopenmp-simd", "-march=native"], cpu_kernels.extra_flags())
     assert plain.kernels_use_openmp() == 0
-
-    def run_all():
-        torch.manual_seed(5)
-        qkv = torch.randn(6, 33, 3, 2, 8, requires_grad=True)
-        x = torch.randn(3000, requires_grad=True)
-        rows = torch.randn(700, 24, requires_grad=True)  # LayerNorm row blocks of 256, split unevenly
-        weight = torch.randn(24, requires_grad=True)
-        out = cpu_kernels.attention(qkv, 33, 0.2)
-        dropped = cpu_kernels.dropout(x, 0.3)
-        activated = cpu_kernels.gelu_tanh(x)
-        normalised = cpu_kernels.layer_norm(rows, weight, torch.zeros(24), 1e-5)
-        (out.sum() + dropped.sum() + activated.square().sum() + normalised.square().sum()).backward()
-        return [out, dropped, activated, normalised, qkv.grad, x.grad, rows.grad, weight.grad]
-
-    with_openmp = run_all()
+    with_openmp = _every_kernel()
     monkeypatch.setattr(cpu_kernels, "library", lambda: plain)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # ranges split unevenly
-    for a, b in zip(with_openmp, run_all()):
+    for a, b in zip(with_openmp, _every_kernel()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 instruction-set flag")
+def test_the_avx2_build_with_8_wide_vectors_computes_what_this_build_does(monkeypatch, tmp_path):
+    # without AVX-512 the kernels use vectors of 8 floats (cpu_kernels.c); on an AVX-512 machine this is
+    # the only test of that build. The dropout masks are the same elements; sums differ in rounding only.
+    avx2 = _built(tmp_path, ["-fopenmp"], ["-march=x86-64-v3"])
+    assert avx2.kernels_vector_width() == 8
+    native = _every_kernel()
+    monkeypatch.setattr(cpu_kernels, "library", lambda: avx2)
+    for a, b in zip(native, _every_kernel()):
+        assert torch.equal(a == 0, b == 0)  # the same elements dropped
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- ARM

@@ -54,10 +54,19 @@ static void thread_range(int64_t start, int64_t end, int64_t align, int64_t *fir
     *last = *first + step < end ? *first + step : end;
 }
 
-/* Vectors of 16 floats (GCC/Clang vector extensions): the compiler maps them
- * onto whatever vector registers the processor has (one AVX-512 register, two
- * AVX2 ones, four NEON ones). Scalars in arithmetic with them are broadcast. */
+/* Vectors of W floats (GCC/Clang vector extensions): the compiler maps them
+ * onto whatever vector registers the processor has. Scalars in arithmetic
+ * with them are broadcast. W is one AVX-512 register (16 floats) where there
+ * is AVX-512, else 8: an AVX2 register, two NEON ones. A 16-float vector
+ * there takes two or four registers, and the attention loops, which keep a
+ * dozen vectors live, then no longer fit in the 16 registers of AVX2: GCC
+ * spills them to the stack, and the attention kernel ran at a third of the
+ * speed it has with W = 8 (benchmarks/throughput.py, docs/performance.md). */
+#if defined(__AVX512F__)
 #define W 16
+#else
+#define W 8
+#endif
 
 /* The sizes the Python side must agree on are read through functions like
  * this one, never copied there. */
@@ -65,7 +74,11 @@ int kernels_vector_width(void) { return W; }
 typedef float vf __attribute__((vector_size(4 * W)));
 typedef uint32_t vu __attribute__((vector_size(4 * W)));
 
-static const vu LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static const vu LANE = {0, 1, 2, 3, 4, 5, 6, 7,
+#if W == 16
+                         8, 9, 10, 11, 12, 13, 14, 15
+#endif
+};
 
 static inline vf select_vf(vu condition, vf yes, vf no) {  /* condition lanes are all ones or zero */
     return (vf)(((vu)yes & condition) | ((vu)no & ~condition));
@@ -88,7 +101,11 @@ static inline float hsum(vf x) {
     memcpy(&c, &a, sizeof c);
     memcpy(&d, (char *)&a + sizeof c, sizeof d);
     c += d;
+#if W == 16
     return (c[0] + c[1]) + (c[2] + c[3]);
+#else
+    return c[0] + c[1];
+#endif
 }
 
 static inline float hmax(vf x) {
@@ -102,8 +119,13 @@ static inline float hmax(vf x) {
     memcpy(&d, (char *)&a + sizeof c, sizeof d);
     vu4 c_smaller = (vu4)(c < d);
     c = (vf4)(((vu4)d & c_smaller) | ((vu4)c & ~c_smaller));
-    float low = c[0] > c[1] ? c[0] : c[1], high = c[2] > c[3] ? c[2] : c[3];
+    float low = c[0] > c[1] ? c[0] : c[1];
+#if W == 16
+    float high = c[2] > c[3] ? c[2] : c[3];
     return low > high ? low : high;
+#else
+    return low;
+#endif
 }
 
 /* A 64-byte aligned buffer of `count` vectors, zeroed; free(*raw) releases it. */
@@ -195,14 +217,14 @@ static inline uint32_t row_key(uint64_t seed, uint64_t row) {
     return (uint32_t)splitmix64(seed + row * 0x9E3779B97F4A7C15ULL);
 }
 
-/* Which of the elements 16 * b .. 16 * b + 15 of a row are kept (lanes all
+/* Which of the elements W * b .. W * b + W - 1 of a row are kept (lanes all
  * ones) or dropped (zero): dropped when their 32-bit hash is below
  * threshold = round(p * 2^32). */
 static inline vu kept_lanes(uint32_t key, int64_t b, uint32_t threshold) {
     return (vu)(mix32(key + (LANE + (uint32_t)(b * W)) * 0x9E3779B9U) >= threshold);
 }
 
-/* mask[j] = scale if element j of row `row` is kept, else 0, for j < 16 * blocks */
+/* mask[j] = scale if element j of row `row` is kept, else 0, for j < W * blocks */
 static void mask_row(vf *mask, int64_t blocks, uint64_t seed, uint64_t row, uint32_t threshold, float scale) {
     uint32_t key = row_key(seed, row);
     vf kept = (vf){0} + scale;
@@ -456,8 +478,8 @@ void layernorm_backward(const float *x, const float *weight, const float *stats,
 
 /* A (batch, head) pair's q, k or v (rows of d numbers from src[offset], `stride`
  * apart) copied into zero-padded vector layouts of floats: by_token[j * dv + e]
- * holds row j (dv = d / 16 rounded up), by_dim[c * nv + b] holds column c
- * (nv = n / 16 rounded up). */
+ * holds row j (dv = d / W rounded up), by_dim[c * nv + b] holds column c
+ * (nv = n / W rounded up). */
 static inline void pad_by_token(vf *dst, const void *src, int64_t offset, int64_t n, int64_t d, int64_t stride,
                                 int64_t dv, int bf16) {
     for (int64_t j = 0; j < n; j++) read_floats((float *)(dst + j * dv), src, offset + j * stride, d, bf16);
@@ -534,7 +556,7 @@ static inline void load_rows(vf *dst, const void *src, int64_t offset, int rows,
  * transposed copy:
  *   qkv  (batch, n, 3, heads, d): q, k, v of every token
  *   out  (batch, nq, heads, d):   dropout(softmax(q k^T * qk_scale)) v for the first nq tokens
- *   probs (batch, heads, nq, nv * 16): for the backward pass (NULL when there is
+ *   probs (batch, heads, nq, nv * W): for the backward pass (NULL when there is
  *         none), float32, rows padded to whole vectors: the softmax before dropout,
  *         its sign bit set where dropout dropped the element, so the backward pass
  *         reads the mask instead of recomputing it (probabilities are >= 0)
@@ -670,7 +692,7 @@ static inline __attribute__((always_inline)) int attention_backward_range(
 
 /* The two exported functions below call the range functions with their last
  * two arguments, dv and bf16, as constants where they can: a head of at most
- * 16 numbers (dv == 1) and each number type get code compiled for exactly
+ * W numbers (dv == 1) and each number type get code compiled for exactly
  * that case. */
 #define SPECIALISED(range, ...)                                                           \
     (d <= W ? (bf16 ? range(__VA_ARGS__, 1, 1) : range(__VA_ARGS__, 1, 0))                \
