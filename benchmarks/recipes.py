@@ -1,6 +1,13 @@
 """Training recipes compared under one wall-clock budget each: test accuracy after N minutes.
 
     python benchmarks/recipes.py --minutes 30 [--recipes tutorial deit-aug ...] [--data ../shared/data/cifar10-jpeg]
+    python benchmarks/recipes.py --minutes 5 --recipes speedrun speedrun+ema=0.999 speedrun+drop_path=0.1 ...
+
+A name ``RECIPE+KEY=VALUE+...`` is an ablation row: the recipe with those
+settings changed, each KEY a TrainConfig field (``ema``, ``label_smoothing``,
+``progressive_sizes``) or a model config field (``hidden_dropout_prob``,
+``hidden_size``), each VALUE JSON (``0.1``, ``[16,24,32]``, ``null``) or a
+bare word (``randaugment``).
 
 Each recipe is a preset plus training settings. Its run gets ``--minutes`` of
 wall-clock time: a short calibration run (``--calibration-steps`` steps and
@@ -12,12 +19,15 @@ took, its test accuracy, the minutes until it first reached the tutorial's
 15-epoch accuracy and the ``vitcraft train`` command that repeats it.
 A distillation recipe trains its teacher recipe first (its own row, its own
 budget), or takes the teacher's finished run from ``--teachers-from``. The
-runs, and the table so far after each one (table.md), are kept in ``--out``.
+runs, the table so far after each one (table.md) and a figure of test
+accuracy against wall-clock minutes for every run (accuracy.png) are kept in
+``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -28,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcraft.budget import plan
-from vitcraft.config import DataConfig, TrainConfig
+from vitcraft.config import DataConfig, TrainConfig, ViTConfig
 from vitcraft.data import load_splits
 from vitcraft.recipes import RECIPES, Recipe, supervised_recipes
 from vitcraft.runs import RunConfig
@@ -40,10 +50,33 @@ TABLE_HEADER = (f"| recipe | model | parameters | epochs | minutes | test accura
 CLI_FLAGS = {"learning_rate": "--lr", "num_threads": "--threads"}  # train settings whose flag is not --their-name
 
 
-def settings_for(recipe: str, steps: int | None, steps_per_epoch: int, teacher_dir: Path | None,
+TRAIN_FIELDS = {field.name for field in dataclasses.fields(TrainConfig)}
+MODEL_FIELDS = {field.name for field in dataclasses.fields(ViTConfig)}
+
+
+def resolve(name: str) -> Recipe:
+    """The recipe ``name``, or for ``RECIPE+KEY=VALUE+...`` that recipe with those settings changed."""
+    base, *changes = name.split("+")
+    if base not in supervised_recipes():
+        raise ValueError(f"unknown recipe {base!r} in {name!r}; the recipes: {', '.join(supervised_recipes())}")
+    recipe = RECIPES[base]
+    train, model = dict(recipe.train), dict(recipe.model)
+    for change in changes:
+        key, equals, text = change.partition("=")
+        if not equals or key not in TRAIN_FIELDS | MODEL_FIELDS:
+            raise ValueError(f"{change!r} in {name!r} is not KEY=VALUE with KEY a TrainConfig or ViTConfig field")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text  # a bare word
+        (train if key in TRAIN_FIELDS else model)[key] = value
+    return dataclasses.replace(recipe, train=train, model=model)
+
+
+def settings_for(recipe: Recipe, steps: int | None, steps_per_epoch: int, teacher_dir: Path | None,
                  threads: int | None, batch_size: int) -> dict[str, Any]:
     """The TrainConfig settings of a recipe, for ``steps`` optimizer steps (None: its own epochs)."""
-    settings = dict(RECIPES[recipe].train)  # a warmup_fraction: training resolves it from the steps
+    settings = dict(recipe.train)  # a warmup_fraction: training resolves it from the steps
     settings.update(batch_size=batch_size, num_threads=threads)
     if steps is not None:
         settings.update(epochs=math.ceil(steps / steps_per_epoch), max_steps=steps)
@@ -72,17 +105,17 @@ def run_once(recipe: Recipe, settings: dict[str, Any], args: argparse.Namespace,
     return last, time.perf_counter() - started
 
 
-def calibrate(recipe: str, args: argparse.Namespace, teacher_dir: Path | None,
+def calibrate(recipe: Recipe, args: argparse.Namespace, teacher_dir: Path | None,
               steps_per_epoch: int) -> tuple[float, float]:
     """(seconds per training step, seconds per evaluation) of a recipe, from short runs."""
     step_seconds, eval_seconds = [], []
-    for size in RECIPES[recipe].train.get("progressive_sizes") or [None]:
+    for size in recipe.train.get("progressive_sizes") or [None]:
         settings = settings_for(recipe, args.calibration_steps, steps_per_epoch, teacher_dir, args.threads,
                                 args.batch_size)
         if size is not None:
             settings["progressive_sizes"] = [size]
         with tempfile.TemporaryDirectory() as tmp:
-            last, _ = run_once(RECIPES[recipe], settings, args, Path(tmp) / "run")
+            last, _ = run_once(recipe, settings, args, Path(tmp) / "run")
             step_seconds.append(last["train_seconds"] / last["step"])
             eval_seconds.append(last["epoch_seconds"] - last["train_seconds"])
     return sum(step_seconds) / len(step_seconds), max(eval_seconds)
@@ -99,12 +132,31 @@ def minutes_to_reach(run_dir: Path, accuracy: float) -> float | None:
     return None
 
 
+def accuracy_curves(run_dirs: dict[str, Path], path: Path) -> None:
+    """Draw each run's test accuracy after each epoch against the minutes of training and evaluation so far."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for name, run_dir in run_dirs.items():
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        minutes = [sum(r["epoch_seconds"] for r in records[:i + 1]) / 60 for i in range(len(records))]
+        ax.plot(minutes, [100 * r["test_acc"] for r in records], marker=".", label=name)
+    ax.axhline(100 * TUTORIAL_ACCURACY, color="gray", linestyle="--", linewidth=1,
+               label=f"the tutorial's 15-epoch {100 * TUTORIAL_ACCURACY:.1f}%")
+    ax.set(xlabel="wall-clock minutes (training and evaluation)", ylabel="test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg")
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of each recipe's run")
-    parser.add_argument("--recipes", nargs="+", default=supervised_recipes(), choices=supervised_recipes(),
-                        metavar="RECIPE", help=f"recipes to run (default all: {', '.join(supervised_recipes())})")
+    parser.add_argument("--recipes", nargs="+", default=supervised_recipes(), metavar="RECIPE",
+                        help=f"recipes to run, or RECIPE+KEY=VALUE variants (default all: "
+                             f"{', '.join(supervised_recipes())})")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     parser.add_argument("--calibration-steps", type=int, default=10)
@@ -113,6 +165,13 @@ def main() -> None:
                         help="a teacher recipe with a finished run in DIR/RECIPE is used as is, not trained again")
     parser.add_argument("--out", type=Path, default=Path("runs") / f"recipes-{datetime.now():%Y%m%d-%H%M%S}")
     args = parser.parse_args()
+    try:
+        recipes = {name: resolve(name) for name in args.recipes}
+    except ValueError as error:
+        parser.error(str(error))
+    for recipe in list(recipes.values()):  # the teachers that distillation recipes name
+        if recipe.teacher is not None:
+            recipes.setdefault(recipe.teacher, RECIPES[recipe.teacher])
 
     train_set, _ = load_splits(args.data, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
@@ -122,32 +181,34 @@ def main() -> None:
                     if (args.teachers_from / recipe / "model.json").is_file()}
     order = []  # teachers (not yet trained) before their students
     for recipe in args.recipes:
-        teacher = RECIPES[recipe].teacher
+        teacher = recipes[recipe].teacher
         if teacher is not None and teacher not in run_dirs and teacher not in order:
             order.append(teacher)
         if recipe not in order:
             order.append(recipe)
     rows = []
     for recipe in order:
-        teacher_dir = run_dirs.get(RECIPES[recipe].teacher)
-        step_seconds, eval_seconds = calibrate(recipe, args, teacher_dir, steps_per_epoch)
+        teacher_dir = run_dirs.get(recipes[recipe].teacher)
+        step_seconds, eval_seconds = calibrate(recipes[recipe], args, teacher_dir, steps_per_epoch)
         steps = plan(60 * args.minutes, step_seconds, eval_seconds, steps_per_epoch).steps
-        settings = settings_for(recipe, steps, steps_per_epoch, teacher_dir, args.threads, args.batch_size)
+        settings = settings_for(recipes[recipe], steps, steps_per_epoch, teacher_dir, args.threads,
+                                args.batch_size)
         out = args.out / recipe
         print(f"{recipe}: {step_seconds:.3f} s/step, {eval_seconds:.1f} s/evaluation -> {steps} steps "
               f"({steps / steps_per_epoch:.2f} epochs)", flush=True)
-        last, seconds = run_once(RECIPES[recipe], settings, args, out)
+        last, seconds = run_once(recipes[recipe], settings, args, out)
         run_dirs[recipe] = out
         parameters = json.loads((out / "model.json").read_text())["num_parameters"]
         reached = minutes_to_reach(out, TUTORIAL_ACCURACY)
-        rows.append(f"| {recipe} | {RECIPES[recipe].preset} | {parameters:,} | {steps / steps_per_epoch:.1f} | "
+        rows.append(f"| {recipe} | {recipes[recipe].preset} | {parameters:,} | {steps / steps_per_epoch:.1f} | "
                     f"{seconds / 60:.1f} | "
                     f"{100 * last['test_acc']:.2f}% | {'-' if reached is None else f'{reached:.1f}'} | "
-                    f"`{command(RECIPES[recipe], args.data, settings, out)}` |")
+                    f"`{command(recipes[recipe], args.data, settings, out)}` |")
         print(f"{recipe}: test accuracy {100 * last['test_acc']:.2f}% in {seconds / 60:.1f} min", flush=True)
         # the table so far, kept with the runs: a long benchmark stopped midway keeps what it measured
         table = "\n".join([TABLE_HEADER, *rows]) + "\n"
         (args.out / "table.md").write_text(table)
+        accuracy_curves({name: run_dirs[name] for name in order if name in run_dirs}, args.out / "accuracy.png")
     print("\n" + table)
 
 
