@@ -138,10 +138,11 @@ def accuracy_curves(run_dirs: dict[str, Path], path: Path) -> None:
 
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
-    for name, run_dir in run_dirs.items():
+    for index, (name, run_dir) in enumerate(run_dirs.items()):
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         minutes = [sum(r["epoch_seconds"] for r in records[:i + 1]) / 60 for i in range(len(records))]
-        ax.plot(minutes, [100 * r["test_acc"] for r in records], marker=".", label=name)
+        style = "-" if index < 10 else "--"  # matplotlib's colour cycle repeats after ten
+        ax.plot(minutes, [100 * r["test_acc"] for r in records], style, marker=".", label=name)
     ax.axhline(100 * TUTORIAL_ACCURACY, color="gray", linestyle="--", linewidth=1,
                label=f"the tutorial's 15-epoch {100 * TUTORIAL_ACCURACY:.1f}%")
     ax.set(xlabel="wall-clock minutes (training and evaluation)", ylabel="test accuracy (%)")

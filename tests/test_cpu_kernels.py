@@ -379,8 +379,6 @@ def test_a_kernel_call_with_a_missing_or_unknown_argument_raises_before_reaching
     torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="needs cc")
-@pytest.mark.slow
 def _every_kernel(seed: int = 5) -> list[torch.Tensor]:
     """The outputs and gradients of every kernel on uneven shapes, with dropout, through the current library."""
     torch.manual_seed(seed)
@@ -404,6 +402,8 @@ def _built(tmp_path, flags: list[str], extra: list[str]) -> ctypes.CDLL:
     return built
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs cc")
+@pytest.mark.slow
 def test_a_build_without_openmp_splits_the_work_over_python_threads_with_the_same_results(monkeypatch, tmp_path):
     # Apple's clang has no OpenMP: the kernels then run single-threaded per call and
     # Python splits each range over threads; the results must not change. Built for the same
@@ -417,7 +417,9 @@ def test_a_build_without_openmp_splits_the_work_over_python_threads_with_the_sam
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs cc")
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 instruction-set flag")
+@pytest.mark.slow
 def test_the_avx2_build_with_8_wide_vectors_computes_what_this_build_does(monkeypatch, tmp_path):
     # without AVX-512 the kernels use vectors of 8 floats (cpu_kernels.c); on an AVX-512 machine this is
     # the only test of that build. The dropout masks are the same elements; sums differ in rounding only.

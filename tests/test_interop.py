@@ -175,3 +175,19 @@ def test_load_weights_names_the_mismatched_key_and_shapes():
         load_weights(ViTForClassification(ViTConfig(num_classes=7, attention_backend="per_head")), state)
     with pytest.raises(ValueError, match="has a weight 'extra.weight'"):
         load_weights(ViTForClassification(ViTConfig()), {**state, "extra.weight": torch.zeros(1)})
+
+
+def test_patch_dropout_trains_on_the_patches_timm_keeps_and_round_trips():
+    # in training mode both draw the kept patches from the same generator in the same way (no other
+    # randomness with dropout off), so the logits agree; eval uses every patch
+    reference = timm_model(patch_drop_rate=0.5, global_pool="token", patch_size=4).train()
+    ours = from_timm(reference).train()
+    assert ours.config.patch_dropout == 0.5 and to_timm_kwargs(ours)["patch_drop_rate"] == 0.5
+    x = images(32)
+    torch.manual_seed(3)
+    expected = reference(x)
+    torch.manual_seed(3)
+    assert_same_logits(ours(x)[0], expected)
+    torch.manual_seed(4)
+    assert (ours(x)[0] - expected).abs().max() > 1e-3  # another draw keeps other patches
+    assert_same_logits(ours.eval()(x)[0], reference.eval()(x))

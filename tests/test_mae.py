@@ -136,6 +136,8 @@ def test_only_vit_presets_are_pretrained():
 
     with pytest.raises(ValueError, match="MAE pretrains the ViT presets"):
         MaskedAutoencoder(create_model("deit-seed-tiny"), PretrainConfig())
+    with pytest.raises(ValueError, match="MAE hides patches itself"):  # it would be ignored, not applied
+        MaskedAutoencoder(create_model("seed-tiny", patch_dropout=0.5), PretrainConfig())
 
 
 @pytest.mark.parametrize("values, message", [

@@ -272,3 +272,30 @@ def _dropout_mean_into(queue):
 
     torch.set_num_threads(1)  # as DataLoader workers do: OpenMP itself is not fork-safe
     queue.put(float(Dropout(0.1).train()(torch.ones(300_000)).mean()))
+
+
+def test_patch_dropout_keeps_a_random_subset_of_each_images_patches_behind_the_prefix_tokens():
+    from vitcraft.model import PatchDropout
+
+    tokens = torch.arange(2 * 17, dtype=torch.float32).view(2, 17, 1).expand(-1, -1, 3)  # token i holds i
+    drop = PatchDropout(0.5, num_prefix_tokens=1)
+    kept = drop(tokens)
+    assert kept.shape == (2, 1 + 8, 3)  # int(16 * 0.5) of the 16 patches
+    for image in range(2):
+        assert kept[image, 0, 0] == tokens[image, 0, 0]  # [CLS] first
+        values = kept[image, 1:, 0].tolist()
+        assert len(set(values)) == 8 and set(values) <= set(tokens[image, 1:, 0].tolist())
+    assert not torch.equal(kept[0, 1:, 0] - 0, kept[1, 1:, 0] - 17)  # each image draws its own subset
+    assert torch.equal(drop.eval()(tokens), tokens)
+    assert PatchDropout(0.99, 1).train()(tokens).shape == (2, 2, 3)  # at least one patch stays
+
+
+def test_a_model_with_patch_dropout_trains_on_fewer_tokens_and_evaluates_on_all():
+    model = ViTForClassification(ViTConfig(patch_dropout=0.75))
+    x = torch.randn(2, 3, 32, 32)
+    assert model.embedding(x).shape == (2, 1 + 16, 48)  # 64 patches, a quarter kept
+    model.eval()
+    assert model.embedding(x).shape == (2, 1 + 64, 48)
+    assert model(x)[0].shape == (2, 10)
+    with pytest.raises(ValueError, match=r"patch_dropout must be in \[0, 1\)"):
+        ViTConfig(patch_dropout=1.0)

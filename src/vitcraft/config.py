@@ -112,6 +112,9 @@ class ViTConfig(DictConfig):
     # stochastic depth of the last block (whole residual branches dropped per sample in training);
     # rises linearly from 0 at the first block (model.drop_path_rates)
     drop_path_rate: float = 0.0
+    # training on a random subset of each image's patch tokens, this fraction left out (FLIP, Li et al.
+    # 2023; timm's patch_drop_rate): fewer tokens, faster steps; all tokens in eval mode
+    patch_dropout: float = 0.0
     initializer_range: float = 0.02  # std of the normal init of weights, [CLS] and positions
     qkv_bias: bool = True  # bias on the query/key/value projections
     # The seed's switch between the per-head and the fused attention modules.
@@ -137,7 +140,8 @@ class ViTConfig(DictConfig):
         """Raise one ValueError naming the first bad field."""
         check_positive_ints(self, ("image_size", "patch_size", "num_channels", "num_classes", "hidden_size",
                                    "num_hidden_layers", "num_attention_heads", "intermediate_size"))
-        check_fractions(self, ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"))
+        check_fractions(self, ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate",
+                               "patch_dropout"))
         check_positive_numbers(self, ("initializer_range", "layer_norm_eps"))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(

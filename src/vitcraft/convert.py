@@ -281,7 +281,8 @@ def _timm_module_values(vit: nn.Module) -> dict[str, Any]:
                 attention_probs_dropout_prob=block.attn.attn_drop.p,
                 hidden_dropout_prob=block.attn.proj_drop.p,
                 # the last block's rate is the model's (timm's rise linearly, as ours); Identity when off
-                drop_path_rate=getattr(vit.blocks[-1].drop_path1, "drop_prob", 0.0))
+                drop_path_rate=getattr(vit.blocks[-1].drop_path1, "drop_prob", 0.0),
+                patch_dropout=getattr(vit.patch_drop, "prob", 0.0))  # Identity when off
 
 
 def _timm_state_values(state: StateDict, source: str) -> dict[str, Any]:

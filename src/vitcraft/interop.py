@@ -85,7 +85,7 @@ def to_timm_kwargs(model: ViTForClassification) -> dict[str, Any]:
                   mlp_ratio=ratio, qkv_bias=c.qkv_bias, final_norm=c.final_layernorm,
                   act_layer=c.hidden_act, attn_drop_rate=c.attention_probs_dropout_prob,
                   proj_drop_rate=c.hidden_dropout_prob, pos_drop_rate=c.hidden_dropout_prob,
-                  drop_path_rate=c.drop_path_rate)
+                  drop_path_rate=c.drop_path_rate, patch_drop_rate=c.patch_dropout)
     if c.layer_norm_eps != TIMM_DEFAULTS["layer_norm_eps"]:
         kwargs["norm_layer"] = partial(nn.LayerNorm, eps=c.layer_norm_eps)
     return kwargs

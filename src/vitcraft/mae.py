@@ -107,7 +107,7 @@ def decoder_config(encoder: ViTConfig, pretrain: PretrainConfig) -> ViTConfig:
     try:
         return encoder.replace(hidden_size=width, num_attention_heads=heads, num_hidden_layers=pretrain.decoder_depth,
                                intermediate_size=4 * width, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+                               attention_probs_dropout_prob=0.0, drop_path_rate=0.0, patch_dropout=0.0)
     except ValueError as error:
         raise ValueError(f"the MAE decoder does not fit: {error} (set --decoder-width and --decoder-heads)") from None
 
@@ -156,6 +156,8 @@ class MaskedAutoencoder(nn.Module):
         super().__init__()
         if type(encoder) is not ViTForClassification:
             raise ValueError(f"MAE pretrains the ViT presets (ViTForClassification), not a {type(encoder).__name__}")
+        if encoder.config.patch_dropout:  # encode_kept chooses the patches, not Embeddings' patch dropout
+            raise ValueError("MAE hides patches itself (--mask-ratio), so the model's patch_dropout must be 0")
         self.encoder = encoder
         self.decoder = MAEDecoder(encoder.config, pretrain)
         self.pretrain = pretrain

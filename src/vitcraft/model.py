@@ -68,6 +68,34 @@ class PatchEmbeddings(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, num_patches, hidden)
 
 
+class PatchDropout(nn.Module):
+    """In training, each image keeps a random subset of its patch tokens (FLIP, Li et al. 2023).
+
+    ``max(1, int(L * (1 - p)))`` of the L patch tokens survive, drawn per
+    image as timm's PatchDropout draws them, in random order (attention does
+    not care about order: each token carries its position vector); the
+    prefix tokens ([CLS], ...) always stay in front. Fewer tokens make every
+    later step cheaper. The identity in eval mode and at p = 0.
+    In: (B, prefix + L, hidden). Out: (B, prefix + K, hidden), K the patches kept.
+    """
+
+    def __init__(self, p: float, num_prefix_tokens: int):
+        super().__init__()
+        self.p = p
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        batch_size, num_patches, hidden = patches.shape
+        keep = max(1, int(num_patches * (1 - self.p)))
+        # a random permutation per image, its first `keep` entries: (B, keep) patch indices
+        kept = torch.argsort(torch.randn(batch_size, num_patches, device=x.device), dim=-1)[:, :keep]
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, hidden))  # (B, keep, hidden)
+        return torch.cat((prefix, patches), dim=1)
+
+
 class Embeddings(nn.Module):
     """Patch vectors plus a learnable [CLS] token in front, plus position vectors.
 
@@ -77,7 +105,9 @@ class Embeddings(nn.Module):
     Images of another size than the configured one (only accepted with
     ``patch_embeddings.dynamic_img_size``) get the position table resampled
     to their patch grid on the fly (see resize.py); the parameter keeps its size.
-    In: (B, C, H, W). Out: (B, 1 + num_patches, hidden_size).
+    With ``patch_dropout`` > 0, training keeps a random subset of the patches (PatchDropout).
+    In: (B, C, H, W). Out: (B, 1 + num_patches, hidden_size); in training with
+    patch dropout (B, 1 + kept patches, hidden_size).
     """
 
     num_prefix_tokens = 1  # tokens in front of the patches: [CLS]
@@ -90,6 +120,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Parameter(
             torch.zeros(1, self.num_prefix_tokens + self.patch_embeddings.num_patches, config.hidden_size))
         self.dropout = ops.Dropout(config.hidden_dropout_prob)
+        self.patch_dropout = PatchDropout(config.patch_dropout, self.num_prefix_tokens)
 
     def prefix_tokens(self, batch_size: int) -> torch.Tensor:
         """The learned tokens put in front of the patches: (B, num_prefix_tokens, hidden)."""
@@ -102,7 +133,7 @@ class Embeddings(nn.Module):
                                                            trained_grid, grid)  # itself at the trained size
         x = self.patch_embeddings(x)  # (B, num_patches, hidden)
         x = torch.cat((self.prefix_tokens(x.shape[0]), x), dim=1)  # (B, prefix + num_patches, hidden)
-        return self.dropout(x + position_embeddings)
+        return self.patch_dropout(self.dropout(x + position_embeddings))
 
 
 class AttentionHead(nn.Module):
