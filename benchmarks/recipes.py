@@ -2,6 +2,7 @@
 
     python benchmarks/recipes.py --minutes 30 [--recipes tutorial deit-aug ...] [--data ../shared/data/cifar10-jpeg]
     python benchmarks/recipes.py --minutes 5 --recipes speedrun speedrun+ema=0.999 speedrun+drop_path=0.1 ...
+    python benchmarks/recipes.py --minutes 30 --tutorial-epochs 15 --recipes speedrun
 
 A name ``RECIPE+KEY=VALUE+...`` is an ablation row: the recipe with those
 settings changed, each KEY a TrainConfig field (``ema``, ``label_smoothing``,
@@ -10,15 +11,18 @@ settings changed, each KEY a TrainConfig field (``ema``, ``label_smoothing``,
 bare word (``randaugment``).
 
 Each recipe is a preset plus training settings. Its run gets ``--minutes`` of
-wall-clock time: a short calibration run (``--calibration-steps`` steps and
-one evaluation, not counted) measures the seconds per step (at every image
+wall-clock time: short calibration runs (``--calibration-steps`` steps twice,
+then twice as many; not counted) measure the seconds per step (at every image
 size, for progressive resizing; with the teacher's forward, for distillation)
 and per evaluation, and the real run gets as many steps as fit, with the
 learning-rate schedule ending there. The table gives the minutes it really
 took, its test accuracy, the minutes until it first reached the tutorial's
-15-epoch accuracy and the ``vitcraft train`` command that repeats it.
-A distillation recipe trains its teacher recipe first (its own row, its own
-budget), or takes the teacher's finished run from ``--teachers-from``. The
+15-epoch accuracy and the ``vitcraft train`` command that repeats it. A
+distillation recipe trains its teacher recipe first (its own row, its own
+budget), or takes the teacher's finished run from ``--teachers-from``.
+``--tutorial-epochs N`` first runs the tutorial's own pipeline
+(benchmarks/epoch.py's) for N epochs, as one more row and curve: the targets
+are measured against its 15 epochs' wall-clock time in the same run. The
 runs, the table so far after each one (table.md) and a figure of test
 accuracy against wall-clock minutes for every run (accuracy.png) are kept in
 ``--out``.
@@ -31,11 +35,16 @@ import dataclasses
 import json
 import math
 import shlex
+import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from epoch import tutorial_epochs  # noqa: E402
+from reference import tutorial_model  # noqa: E402
 
 from vitcraft.budget import plan
 from vitcraft.config import DataConfig, TrainConfig, ViTConfig
@@ -44,6 +53,7 @@ from vitcraft.recipes import RECIPES, Recipe, supervised_recipes
 from vitcraft.runs import RunConfig
 from vitcraft.train import train
 
+TUTORIAL_PIPELINE = "the tutorial's own pipeline"  # its row's name
 TUTORIAL_ACCURACY = 0.5488  # the tutorial pipeline's test accuracy after its 15 epochs (benchmarks/epoch.py)
 TABLE_HEADER = (f"| recipe | model | parameters | epochs | minutes | test accuracy | "
                 f"minutes to {100 * TUTORIAL_ACCURACY:.1f}% | command |\n|---|---|---:|---:|---:|---:|---:|---|")
@@ -89,7 +99,8 @@ def command(recipe: Recipe, data: str, settings: dict[str, Any], out: Path) -> s
     """The ``vitcraft train`` command line of a run."""
     words = ["vitcraft", "train", "--data", data, "--preset", recipe.preset]
     for key, value in recipe.model.items():
-        words += ["--model-arg", f"{key}={value}"]
+        # JSON, as --model-arg reads it (true, not Python's True), bare words as they are
+        words += ["--model-arg", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     for key, value in settings.items():
         flag = CLI_FLAGS.get(key, "--" + key.replace("_", "-"))
         words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
@@ -107,18 +118,59 @@ def run_once(recipe: Recipe, settings: dict[str, Any], args: argparse.Namespace,
 
 def calibrate(recipe: Recipe, args: argparse.Namespace, teacher_dir: Path | None,
               steps_per_epoch: int) -> tuple[float, float]:
-    """(seconds per training step, seconds per evaluation) of a recipe, from short runs."""
-    step_seconds, eval_seconds = [], []
+    """(seconds per training step, seconds per evaluation) of a recipe, from short runs.
+
+    A first run of N steps warms the process up (its first steps pay for the
+    libraries' choice of kernels, allocations, caches) and is not counted. The
+    seconds per step are then the difference of a run of 2N steps and one of N
+    over N, so that what every run spends once cancels out instead of
+    inflating each step; the seconds per evaluation are the last run's.
+    """
+    step_seconds, eval_seconds = [], 0.0
     for size in recipe.train.get("progressive_sizes") or [None]:
-        settings = settings_for(recipe, args.calibration_steps, steps_per_epoch, teacher_dir, args.threads,
-                                args.batch_size)
-        if size is not None:
-            settings["progressive_sizes"] = [size]
-        with tempfile.TemporaryDirectory() as tmp:
-            last, _ = run_once(recipe, settings, args, Path(tmp) / "run")
-            step_seconds.append(last["train_seconds"] / last["step"])
-            eval_seconds.append(last["epoch_seconds"] - last["train_seconds"])
-    return sum(step_seconds) / len(step_seconds), max(eval_seconds)
+        train_seconds = []
+        for steps in (args.calibration_steps, args.calibration_steps, 2 * args.calibration_steps):
+            settings = settings_for(recipe, steps, steps_per_epoch, teacher_dir, args.threads, args.batch_size)
+            if size is not None:
+                settings["progressive_sizes"] = [size]
+            with tempfile.TemporaryDirectory() as tmp:
+                last, _ = run_once(recipe, settings, args, Path(tmp) / "run")
+            train_seconds.append(last["train_seconds"])
+            eval_seconds = last["epoch_seconds"] - last["train_seconds"]
+        step_seconds.append((train_seconds[2] - train_seconds[1]) / args.calibration_steps)
+    return sum(step_seconds) / len(step_seconds), eval_seconds
+
+
+class _Reports:
+    """epoch.py's ``Turns`` for a pipeline alone in this process: keeps its per-epoch reports."""
+
+    def __init__(self):
+        self.reports = []
+
+    def end_turn(self, name: str, report=None) -> None:
+        if report is not None:
+            self.reports.append(report)
+
+    def finish(self, name: str, report) -> None:
+        pass
+
+
+def tutorial_run(data: str, epochs: int, out: Path) -> tuple[dict, float]:
+    """The tutorial's own pipeline (benchmarks/epoch.py's) for ``epochs`` epochs; (its last record, seconds).
+
+    Its epochs go to ``out/metrics.jsonl`` with the fields vitcraft's runs
+    record, so that its curve and its minutes to an accuracy come out as theirs.
+    """
+    reports = _Reports()
+    started = time.perf_counter()
+    tutorial_epochs(reports, data, epochs)
+    seconds = time.perf_counter() - started
+    records = [{"epoch": epoch, "epoch_seconds": epoch_seconds, "train_seconds": epoch_seconds - test_seconds,
+                "test_acc": accuracy}
+               for epoch, (epoch_seconds, test_seconds, accuracy) in enumerate(reports.reports, start=1)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return records[-1], seconds
 
 
 def minutes_to_reach(run_dir: Path, accuracy: float) -> float | None:
@@ -130,6 +182,15 @@ def minutes_to_reach(run_dir: Path, accuracy: float) -> float | None:
         if record["test_acc"] >= accuracy:
             return seconds / 60
     return None
+
+
+def table_row(name: str, model: str, parameters: int, epochs: float, seconds: float, run_dir: Path, last: dict,
+              command_line: str) -> str:
+    """A finished run's row of the table (printed as a line too)."""
+    reached = minutes_to_reach(run_dir, TUTORIAL_ACCURACY)
+    print(f"{name}: test accuracy {100 * last['test_acc']:.2f}% in {seconds / 60:.1f} min", flush=True)
+    return (f"| {name} | {model} | {parameters:,} | {epochs:.1f} | {seconds / 60:.1f} | {100 * last['test_acc']:.2f}% "
+            f"| {'-' if reached is None else f'{reached:.1f}'} | `{command_line}` |")
 
 
 def accuracy_curves(run_dirs: dict[str, Path], path: Path) -> None:
@@ -164,6 +225,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", help="decoded-data cache (default ~/.cache/vitcraft)")
     parser.add_argument("--teachers-from", type=Path, metavar="DIR",
                         help="a teacher recipe with a finished run in DIR/RECIPE is used as is, not trained again")
+    parser.add_argument("--tutorial-epochs", type=int, default=0, metavar="N",
+                        help="first run the tutorial's own pipeline (benchmarks/epoch.py's) for N epochs, as a row "
+                             "and a curve: its 15 epochs are the time the speedrun targets are measured against")
     parser.add_argument("--out", type=Path, default=Path("runs") / f"recipes-{datetime.now():%Y%m%d-%H%M%S}")
     args = parser.parse_args()
     try:
@@ -187,7 +251,23 @@ def main() -> None:
             order.append(teacher)
         if recipe not in order:
             order.append(recipe)
-    rows = []
+    rows, curves = [], {}  # curves: row name -> its run, in the order the rows ran
+
+    def write_table_and_figure() -> str:
+        # the table so far, kept with the runs: a long benchmark stopped midway keeps what it measured
+        table = "\n".join([TABLE_HEADER, *rows]) + "\n"
+        (args.out / "table.md").write_text(table)
+        accuracy_curves(curves, args.out / "accuracy.png")
+        return table
+
+    if args.tutorial_epochs:
+        out = args.out / "tutorial-pipeline"
+        last, seconds = tutorial_run(args.data, args.tutorial_epochs, out)
+        curves[TUTORIAL_PIPELINE] = out
+        parameters = sum(p.numel() for p in tutorial_model(use_faster_attention=True).parameters())
+        rows.append(table_row(TUTORIAL_PIPELINE, "its seed model", parameters, args.tutorial_epochs, seconds, out,
+                              last, f"python benchmarks/epoch.py --epochs {args.tutorial_epochs} --data {args.data}"))
+        write_table_and_figure()
     for recipe in order:
         teacher_dir = run_dirs.get(recipes[recipe].teacher)
         step_seconds, eval_seconds = calibrate(recipes[recipe], args, teacher_dir, steps_per_epoch)
@@ -198,19 +278,12 @@ def main() -> None:
         print(f"{recipe}: {step_seconds:.3f} s/step, {eval_seconds:.1f} s/evaluation -> {steps} steps "
               f"({steps / steps_per_epoch:.2f} epochs)", flush=True)
         last, seconds = run_once(recipes[recipe], settings, args, out)
-        run_dirs[recipe] = out
+        run_dirs[recipe] = curves[recipe] = out
         parameters = json.loads((out / "model.json").read_text())["num_parameters"]
-        reached = minutes_to_reach(out, TUTORIAL_ACCURACY)
-        rows.append(f"| {recipe} | {recipes[recipe].preset} | {parameters:,} | {steps / steps_per_epoch:.1f} | "
-                    f"{seconds / 60:.1f} | "
-                    f"{100 * last['test_acc']:.2f}% | {'-' if reached is None else f'{reached:.1f}'} | "
-                    f"`{command(recipes[recipe], args.data, settings, out)}` |")
-        print(f"{recipe}: test accuracy {100 * last['test_acc']:.2f}% in {seconds / 60:.1f} min", flush=True)
-        # the table so far, kept with the runs: a long benchmark stopped midway keeps what it measured
-        table = "\n".join([TABLE_HEADER, *rows]) + "\n"
-        (args.out / "table.md").write_text(table)
-        accuracy_curves({name: run_dirs[name] for name in order if name in run_dirs}, args.out / "accuracy.png")
-    print("\n" + table)
+        rows.append(table_row(recipe, recipes[recipe].preset, parameters, steps / steps_per_epoch, seconds, out, last,
+                              command(recipes[recipe], args.data, settings, out)))
+        write_table_and_figure()
+    print("\n" + write_table_and_figure())
 
 
 if __name__ == "__main__":

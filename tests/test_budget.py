@@ -88,6 +88,29 @@ def test_a_machine_slower_than_calibrated_stops_early_and_still_evaluates_and_sa
     assert "test_acc" in record and (tmp_path / "run" / "model.safetensors").is_file()
 
 
+def test_a_progressive_run_is_calibrated_at_each_of_its_sizes(tiny_folder, tmp_path, monkeypatch):
+    import vitcraft.train as train_module
+
+    calibration_steps = 2 * (train_module.CALIBRATION_STEPS + 1)  # two sizes, each with a warm-up step
+    sizes, planned = [], []
+    real_step, real_calibrate = train_module.train_step, train_module.calibrate
+
+    def slow_step(t, images, labels, learning_rate, generator, image_size):
+        sizes.append(image_size)
+        if len(sizes) <= calibration_steps:  # calibration: 0.1 s a step at 4 px, 0.4 s at 8 px
+            time.sleep(0.1 if image_size == 4 else 0.4)
+        return real_step(t, images, labels, learning_rate, generator, image_size)
+
+    monkeypatch.setattr(train_module, "train_step", slow_step)
+    monkeypatch.setattr(train_module, "calibrate", lambda t: planned.append(real_calibrate(t)) or planned[-1])
+    run = small_run(tiny_folder, tmp_path, epochs=1, batch_size=8)
+    run.train.budget, run.train.progressive_sizes = "20s", [4, 8, 8]
+    train_quietly(run, tmp_path / "run")
+    assert sizes[:calibration_steps] == [4] * (calibration_steps // 2) + [8] * (calibration_steps // 2)
+    # a third of the steps at 4 px, two thirds at 8 px
+    assert planned[0][0] == pytest.approx((0.1 + 0.4 + 0.4) / 3, abs=0.05)
+
+
 def test_a_bad_budget_flag_is_one_clear_error(tiny_folder, tmp_path, capsys):
     from vitcraft.cli import main
 

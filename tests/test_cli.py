@@ -38,6 +38,20 @@ def test_eval_prints_accuracy_matching_training(trained_run, capsys):
     assert "top-5" in out and "per-class accuracy" in out and "middle" in out
 
 
+def test_eval_with_tta_flip_scores_the_mirror_images_too(trained_run, capsys, monkeypatch):
+    import vitcraft.train as train_module
+
+    # the bands of the tiny images are mirror-symmetric, so the figures barely move: count the calls instead
+    batches = []
+    real = train_module.flip_averaged
+    monkeypatch.setattr(train_module, "flip_averaged", lambda *args: batches.append(1) or real(*args))
+    assert main(["eval", str(trained_run), "--device", "cpu"]) == 0
+    assert batches == []
+    assert main(["eval", str(trained_run), "--device", "cpu", "--tta-flip"]) == 0
+    assert batches == [1]  # 24 test images: one batch
+    assert "top-1" in capsys.readouterr().out
+
+
 def test_predict_prints_top_k(trained_run, tmp_path, capsys):
     import numpy as np
 
@@ -161,3 +175,12 @@ def test_eval_with_a_damaged_run_config_is_one_clear_error(trained_run, tmp_path
     assert main(["eval", str(run), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "is not a vitcraft run config" in err and "Traceback" not in err
+
+
+def test_output_whose_reader_went_away_ends_quietly():
+    # `vitcraft list-recipes | head -1`: head closes the pipe; no traceback for that
+    process = subprocess.Popen([sys.executable, "-m", "vitcraft", "list-recipes"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # before the command has printed anything
+    err = process.stderr.read().decode()
+    assert process.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

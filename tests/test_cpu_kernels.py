@@ -39,10 +39,15 @@ def fresh_build(monkeypatch, tmp_path):
     cpu_kernels.library.cache_clear()
 
 
-def reference_attention(qkv, num_queries, keep_scale=None):
-    """Softmax attention from (B, N, 3, heads, d) to (B, Q, heads, d), times a fixed dropout mask if given."""
+def reference_attention(qkv, num_queries, keep_scale=None, mask_diagonal=False):
+    """Softmax attention from (B, N, 3, heads, d) to (B, Q, heads, d), times a fixed dropout mask if given;
+    with ``mask_diagonal`` no token attends to itself."""
     query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    probs = torch.softmax(query[:, :, :num_queries] @ key.transpose(-1, -2) / query.shape[-1] ** 0.5, dim=-1)
+    scores = query[:, :, :num_queries] @ key.transpose(-1, -2) / query.shape[-1] ** 0.5
+    if mask_diagonal:
+        scores = scores.diagonal_scatter(torch.full(scores.diagonal(dim1=-2, dim2=-1).shape, float("-inf")),
+                                         dim1=-2, dim2=-1)
+    probs = torch.softmax(scores, dim=-1)
     if keep_scale is not None:
         probs = probs * keep_scale
     return (probs @ value).transpose(1, 2)
@@ -87,6 +92,25 @@ def test_attention_dropout_is_a_fixed_mask_applied_forwards_and_backwards(num_qu
     out = cpu_kernels.attention(qkv, num_queries, p)
     expected = reference_attention(qkv, num_queries, keep_scale)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, grad)
+    (want,) = torch.autograd.grad(expected, qkv, grad)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens, head_size, num_queries, p", [
+    (65, 12, 65, 0.0), (65, 12, 1, 0.0), (17, 20, 5, 0.25), (33, 8, 33, 0.25)])
+def test_attention_with_the_diagonal_masked_is_softmax_attention_without_self_attention(tokens, head_size,
+                                                                                      num_queries, p):
+    # locality self-attention: query i gets no probability of token i; dropout's mask stays the same
+    batch, heads = 2, 3
+    keep_scale = revealed_mask(batch, tokens, heads, num_queries, p, seed=3)[0] if p else None
+    qkv = torch.randn(batch, tokens, 3, heads, head_size, requires_grad=True)
+    torch.manual_seed(3)
+    out = cpu_kernels.attention(qkv, num_queries, p, mask_diagonal=True)
+    expected = reference_attention(qkv, num_queries, keep_scale, mask_diagonal=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, reference_attention(qkv, num_queries, keep_scale), atol=1e-3)
     grad = torch.randn_like(out)
     (got,) = torch.autograd.grad(out, qkv, grad)
     (want,) = torch.autograd.grad(expected, qkv, grad)

@@ -65,3 +65,18 @@ def test_torchscript_matches_pytorch_for_any_batch(tmp_path):
     for batch in BATCH_SIZES:
         x = torch.randn(batch, 3, 32, 32)
         torch.testing.assert_close(loaded(x), model(x)[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("onnxruntime_ops", [False, True])
+def test_shifted_patches_and_locality_attention_export_with_the_pytorch_logits(tmp_path, onnxruntime_ops):
+    model = ViTForClassification(ViTConfig(num_hidden_layers=2, shifted_patches=True, locality_attention=True))
+    with torch.no_grad():  # learned temperatures, not their starting 1 / sqrt(head size)
+        for block in model.encoder.blocks:
+            block.attention.temperature.uniform_(0.1, 0.6)
+    path = export_onnx(model, tmp_path / "model.onnx", onnxruntime_ops=onnxruntime_ops)
+    # onnxruntime's attention op has no learned scale or mask: the attention stays plain ops
+    assert "MultiHeadAttention" not in op_types(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 32, 32)
+    (logits,) = session.run(None, {"pixel_values": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), model.eval()(x)[0].detach(), atol=1e-4, rtol=0)

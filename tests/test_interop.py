@@ -6,6 +6,7 @@ from torch import nn
 
 from vitcraft import ViTConfig, ViTForClassification
 from vitcraft.convert import fused_state_dict
+from vitcraft.errors import VitcraftError
 from vitcraft.interop import from_hf, from_timm, to_hf_config, to_hf_state_dict, to_timm_kwargs, to_timm_state_dict
 from vitcraft.state_dict import load_state_checked as load_weights
 
@@ -191,3 +192,11 @@ def test_patch_dropout_trains_on_the_patches_timm_keeps_and_round_trips():
     torch.manual_seed(4)
     assert (ours(x)[0] - expected).abs().max() > 1e-3  # another draw keeps other patches
     assert_same_logits(ours.eval()(x)[0], reference.eval()(x))
+
+
+@pytest.mark.parametrize("option", ["shifted_patches", "locality_attention"])
+def test_the_small_data_options_have_no_timm_or_hf_equivalent_and_say_so(option):
+    model = ViTForClassification(ViTConfig(**{option: True}, final_layernorm=True))
+    for convert, library in ((to_timm_kwargs, "timm"), (to_timm_state_dict, "timm"), (to_hf_config, "Hugging Face")):
+        with pytest.raises(VitcraftError, match=f"{option}=True has no {library} ViT equivalent"):
+            convert(model)

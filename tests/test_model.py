@@ -299,3 +299,59 @@ def test_a_model_with_patch_dropout_trains_on_fewer_tokens_and_evaluates_on_all(
     assert model(x)[0].shape == (2, 10)
     with pytest.raises(ValueError, match=r"patch_dropout must be in \[0, 1\)"):
         ViTConfig(patch_dropout=1.0)
+
+
+# --------------------------------------------------------------------------- Lee et al. 2021: SPT and LSA
+def test_shifted_patches_stack_each_patch_with_its_four_diagonal_half_patch_shifts():
+    from vitcraft.model import ShiftedPatchEmbeddings
+
+    torch.manual_seed(0)
+    embed = ShiftedPatchEmbeddings(ViTConfig(shifted_patches=True))
+    x = torch.randn(2, 3, 32, 32)
+    out = embed(x)
+    assert out.shape == (2, 64, 48)
+    padded = nn.functional.pad(x, (2, 2, 2, 2))  # x[r, c] is padded[r + 2, c + 2]; zeros around
+    for row, column in ((0, 0), (1, 1), (7, 3)):  # a corner patch takes zeros from outside the image
+        r, c = 4 * row, 4 * column
+        pieces = [padded[:, :, r + 2 + dy:r + 6 + dy, c + 2 + dx:c + 6 + dx]  # the patch, then its shifts
+                  for dy, dx in ((0, 0), (-2, -2), (-2, 2), (2, -2), (2, 2))]
+        vector = torch.cat(pieces, dim=1).flatten(1)  # (B, 5 * 3 * 4 * 4), channels first as unfold
+        torch.testing.assert_close(out[:, 8 * row + column], embed.projection(embed.norm(vector)))
+    with pytest.raises(ValueError, match="patch_size must be at least 2"):
+        ViTConfig(shifted_patches=True, patch_size=1, image_size=8)
+
+
+def test_locality_attention_masks_the_diagonal_scales_by_learned_temperatures_and_backends_agree():
+    from vitcraft import ops
+
+    config = ViTConfig(locality_attention=True, shifted_patches=True, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    models = {b: ViTForClassification(config.replace(attention_backend=b)) for b in BACKENDS}
+    temperature = models["fused"].encoder.blocks[0].attention.temperature
+    assert temperature.shape == (4,) and torch.all(temperature == 12 ** -0.5)  # starts as 1 / sqrt(head size)
+    with torch.no_grad():
+        for block in models["fused"].encoder.blocks:
+            block.attention.temperature.uniform_(0.1, 0.6)
+    for b in BACKENDS:
+        models[b].load_state_dict(models["fused"].state_dict(), strict=True)
+    x = torch.randn(3, 3, 32, 32)
+    model = models["fused"].eval()
+    logits, attentions = model(x, output_attentions=True)
+    assert torch.all(attentions[0].diagonal(dim1=-2, dim2=-1) == 0)  # no token attends to itself
+    block = model.encoder.blocks[0]
+    qkv = block.attention.qkv_projection(block.layernorm_1(model.embedding(x))).view(3, 65, 3, 4, 12)
+    query, key, _ = ops.split_heads(qkv)
+    scores = (query @ key.transpose(-1, -2)) * block.attention.temperature[:, None, None]
+    scores = ops.with_diagonal_mask(scores, 65, 65, "cpu")
+    torch.testing.assert_close(attentions[0], scores.softmax(-1))
+    grads = {}
+    for b in BACKENDS:  # training mode: sdpa runs the C kernel's diagonal mask
+        models[b].train()
+        out = models[b](x)[0]
+        torch.testing.assert_close(out, logits, atol=1e-5, rtol=1e-5)
+        out.logsumexp(-1).sum().backward()
+        grads[b] = models[b].encoder.blocks[0].attention.temperature.grad
+    assert grads["fused"].abs().min() > 0
+    for b in BACKENDS:
+        torch.testing.assert_close(grads[b], grads["fused"], atol=1e-6, rtol=1e-4)

@@ -198,7 +198,10 @@ def test_evaluate_equals_a_direct_computation(tiny_folder, tmp_path):
     torch.manual_seed(0)
     model = create_model("seed-tiny", image_size=8, num_classes=3, hidden_size=32, intermediate_size=64).eval()
     normalization = Normalization.for_channels(3)
+    grad_enabled = []
+    model.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
     result = evaluate(model, test_set, normalization, torch.device("cpu"), None, 5)  # batches of 5, 5, ... 4
+    assert grad_enabled == [False] * 5  # evaluated without autograd's bookkeeping
     with torch.no_grad():
         logits = model(normalization(test_set.images))[0]
     labels = test_set.labels
@@ -209,6 +212,27 @@ def test_evaluate_equals_a_direct_computation(tiny_folder, tmp_path):
     assert result["per_class_acc"] == pytest.approx(
         [(predictions[labels == k] == k).double().mean().item() for k in range(3)])
     assert torch.equal(result["predictions"], predictions)
+
+
+def test_evaluate_with_flip_averages_the_probabilities_of_each_image_and_its_mirror_image(tiny_folder, tmp_path):
+    from vitcraft.augment import Normalization
+    from vitcraft.data import load_splits
+    from vitcraft.train import evaluate
+
+    _, test_set = load_splits(str(tiny_folder), cache_dir=tmp_path / "cache")
+    torch.manual_seed(1)
+    model = create_model("seed-tiny", image_size=8, num_classes=3, hidden_size=32, intermediate_size=64).eval()
+    normalization = Normalization.for_channels(3)
+    result = evaluate(model, test_set, normalization, torch.device("cpu"), None, 7, flip=True)
+    images = normalization(test_set.images)
+    with torch.no_grad():
+        probabilities = (model(images)[0].softmax(1) + model(images.flip(3))[0].softmax(1)) / 2
+        plain = evaluate(model, test_set, normalization, torch.device("cpu"), None, 7)
+    labels = test_set.labels
+    loss = torch.nn.functional.nll_loss(probabilities.log(), labels).item()
+    assert result["loss"] == pytest.approx(loss, rel=1e-5) and result["loss"] != pytest.approx(plain["loss"])
+    assert torch.equal(result["predictions"], probabilities.argmax(1))
+    assert result["acc"] == pytest.approx((probabilities.argmax(1) == labels).double().mean().item())
 
 
 def test_eval_batch_size_has_one_default():

@@ -10,6 +10,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import sys
 import typing
 from datetime import datetime
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flag(p, TrainConfig, "device", use_default=True)
     p.add_argument("--onnx", metavar="FILE", help="score this file exported by `vitcraft export` (fp32 or int8) in "
                                                   "onnxruntime instead of the run's PyTorch model")
+    p.add_argument("--tta-flip", action="store_true", help="test-time flip averaging: each image's prediction "
+                                                           "averages its class probabilities with its mirror image's")
     p.set_defaults(handler=cmd_eval)
 
     p = commands.add_parser("predict", help="top-k classes of image files, or of every image in folders")
@@ -396,7 +399,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if len(test_set.class_names) != len(names):
         raise VitcraftError(f"the data has {len(test_set.class_names)} classes but the model {len(names)}")
     result = evaluate(model, test_set, normalization, device, autocast_dtype(device, "fp32"), args.eval_batch_size,
-                      progress=True)
+                      progress=True, flip=args.tta_flip)
     print(f"test images  {len(test_set)}")
     print(f"test loss    {result['loss']:.4f}")
     print(f"top-1        {100 * result['acc']:.2f}%")
@@ -589,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vitcraft: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output went away (`vitcraft list-recipes | head -1`)
+        # stop quietly, as Unix tools do; stdout goes to devnull so that Python's flush at exit fails no more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -115,6 +115,11 @@ class ViTConfig(DictConfig):
     # training on a random subset of each image's patch tokens, this fraction left out (FLIP, Li et al.
     # 2023; timm's patch_drop_rate): fewer tokens, faster steps; all tokens in eval mode
     patch_dropout: float = 0.0
+    # Lee et al. 2021, "Vision Transformer for Small-Size Datasets": shifted patch tokenization (each
+    # patch also sees its image shifted half a patch in the four diagonal directions) and locality
+    # self-attention (a learned temperature per head; no token attends to itself)
+    shifted_patches: bool = False
+    locality_attention: bool = False
     initializer_range: float = 0.02  # std of the normal init of weights, [CLS] and positions
     qkv_bias: bool = True  # bias on the query/key/value projections
     # The seed's switch between the per-head and the fused attention modules.
@@ -153,7 +158,10 @@ class ViTConfig(DictConfig):
         check_choice(self, "attention_backend", ATTENTION_BACKENDS)
         check_choice(self, "hidden_act", HIDDEN_ACTS)
         check_choice(self, "pooling", POOLINGS)
-        check_bools(self, ("qkv_bias", "use_faster_attention", "final_layernorm"))
+        check_bools(self, ("qkv_bias", "use_faster_attention", "final_layernorm", "shifted_patches",
+                           "locality_attention"))
+        if self.shifted_patches and self.patch_size < 2:
+            raise ValueError("shifted_patches shifts the image by half a patch, so patch_size must be at least 2")
 
     # ------------------------------------------------------------- derived
     @property

@@ -187,8 +187,17 @@ def _to_vitcraft(theirs: StateDict, table: Mapping[str, Any], source: str) -> di
     return ours
 
 
+def check_no_small_data_options(config: Any, library: str) -> None:
+    """Refuse the options of Lee et al. 2021 (shifted patches, locality self-attention): ``library``'s ViT
+    (timm's, Hugging Face's) has neither, so its weights would compute something else."""
+    for option in ("shifted_patches", "locality_attention"):
+        if getattr(config, option, False):
+            raise VitcraftError(f"{option}=True has no {library} ViT equivalent")
+
+
 def from_vitcraft(model: nn.Module, names: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The model's weights under the other library's keys (q, k, v split apart)."""
+    check_no_small_data_options(model.config, "timm" if names is TIMM_NAMES else "Hugging Face")
     ours = fused_state_dict(model)
     theirs = {}
     for our_key, their_key in key_table(model.config, names).items():
@@ -419,7 +428,8 @@ def hf_to_vitcraft(model_or_state_dict: nn.Module | StateDict, hf_config: Any = 
 
 
 def check_hf_compatible(model: nn.Module) -> None:
-    """Refuse the two vitcraft options ViTForImageClassification cannot express."""
+    """Refuse the vitcraft options ViTForImageClassification cannot express."""
+    check_no_small_data_options(model.config, "Hugging Face")
     if model.config.pooling != "cls":
         raise VitcraftError("pooling='mean' has no Hugging Face ViTForImageClassification equivalent "
                              "(it classifies the [CLS] token)")

@@ -561,11 +561,14 @@ static inline void load_rows(vf *dst, const void *src, int64_t offset, int rows,
  *         its sign bit set where dropout dropped the element, so the backward pass
  *         reads the mask instead of recomputing it (probabilities are >= 0)
  * qkv and out are float32, or bfloat16 if bf16. The dropout mask row of query i
- * of a pair is pair * nq + i; threshold 0 means no dropout.
+ * of a pair is pair * nq + i; threshold 0 means no dropout. With mask_diagonal
+ * no token attends to itself (locality self-attention): query i's probability
+ * of token i is 0, which the backward pass then needs no word of.
  * Returns 0, or -1 if out of memory. */
 static inline __attribute__((always_inline)) int attention_forward_range(
     const void *qkv, void *out, float *probs, int64_t start, int64_t end, int64_t heads, int64_t nq, int64_t n,
-    int64_t d, float qk_scale, uint64_t seed, uint32_t threshold, float drop_scale, int64_t dv, int bf16) {
+    int64_t d, float qk_scale, uint64_t seed, uint32_t threshold, float drop_scale, int mask_diagonal, int64_t dv,
+    int bf16) {
     int64_t nv = (n + W - 1) / W, stride = 3 * heads * d;
     void *raw;
     vf *kt = vectors((size_t)(d * nv + n * dv + (2 * ROWS + 1) * nv + 2 * ROWS * dv), &raw);
@@ -585,7 +588,8 @@ static inline __attribute__((always_inline)) int attention_forward_range(
             /* rows past the last query (r >= rows) are left as they are: their outputs are never written */
             for (int r = 0; r < rows; r++) {
                 vf *s = scores + r * nv, *p = dropped + r * nv;
-                int64_t row = pair * nq + i0 + r;
+                int64_t row = pair * nq + i0 + r, self = i0 + r;  /* self: the query's own token */
+                if (mask_diagonal) s[self / W][self % W] = -1e30f;  /* out of the max */
                 vf max_v = s[0] + padding[0];
                 for (int64_t b = 1; b < nv; b++) {
                     vf candidate = s[b] + padding[b];
@@ -597,8 +601,13 @@ static inline __attribute__((always_inline)) int attention_forward_range(
                     s[b] = select_vf((vu)(padding[b] < 0.0f), (vf){0}, exp_nonpositive((s[b] - max) * qk_scale));
                     sum_v += s[b];
                 }
+                float sum = hsum(sum_v);
+                if (mask_diagonal) {  /* e^-87 for the -1e30: made an exact 0 */
+                    sum -= s[self / W][self % W];
+                    s[self / W][self % W] = 0.0f;
+                }
                 /* one pass: normalise, save for the backward pass, drop out */
-                float inv_sum = 1.0f / hsum(sum_v);
+                float inv_sum = 1.0f / sum;
                 uint32_t key = threshold ? row_key(seed, (uint64_t)row) : 0;
                 for (int64_t b = 0; b < nv; b++) {
                     vf prob = s[b] * inv_sum;
@@ -700,14 +709,14 @@ static inline __attribute__((always_inline)) int attention_backward_range(
 
 int attention_forward(const void *qkv, void *out, float *probs, int64_t start, int64_t end, int64_t heads,
                       int64_t nq, int64_t n, int64_t d, int bf16, float qk_scale, uint64_t seed, uint32_t threshold,
-                      float drop_scale, int threads) {
+                      float drop_scale, int mask_diagonal, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         int64_t first, last;
         thread_range(start, end, 1, &first, &last);
         failed |= SPECIALISED(attention_forward_range, qkv, out, probs, first, last, heads, nq, n, d, qk_scale, seed,
-                              threshold, drop_scale) != 0;
+                              threshold, drop_scale, mask_diagonal) != 0;
     }
     return failed ? -1 : 0;
 }

@@ -80,7 +80,8 @@ SIGNATURES = {
     "layernorm_backward": ("void", "x:ptr weight:ptr stats:ptr dy:ptr dx:ptr partial:ptr start:i64 end:i64 c:i64 "
                                    "dy_bf16:int threads:int"),
     "attention_forward": ("int", "qkv:ptr out:ptr probs:ptr start:i64 end:i64 heads:i64 nq:i64 n:i64 d:i64 "
-                                 "bf16:int qk_scale:f32 seed:u64 threshold:u32 drop_scale:f32 threads:int"),
+                                 "bf16:int qk_scale:f32 seed:u64 threshold:u32 drop_scale:f32 mask_diagonal:int "
+                                 "threads:int"),
     "attention_backward": ("int", "qkv:ptr probs:ptr dout:ptr dqkv:ptr start:i64 end:i64 heads:i64 nq:i64 n:i64 "
                                   "d:i64 bf16:int qk_scale:f32 threshold:u32 drop_scale:f32 threads:int"),
 }
@@ -397,7 +398,7 @@ class _Attention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv, num_queries: int, dropout_p: float):
+    def forward(ctx, qkv, num_queries: int, dropout_p: float, mask_diagonal: bool):
         batch, num_tokens, _, heads, head_size = qkv.shape
         qkv = qkv.contiguous()
         output = qkv.new_empty(batch, num_queries, heads, head_size)
@@ -412,7 +413,8 @@ class _Attention(torch.autograd.Function):
         ctx.settings = dict(heads=heads, nq=num_queries, n=num_tokens, d=head_size, bf16=_bf16(qkv),
                             qk_scale=head_size ** -0.5, threshold=threshold, drop_scale=drop_scale)
         _parallel("attention_forward", batch * heads, qkv=qkv.data_ptr(), out=output.data_ptr(),
-                  probs=probs.data_ptr() if probs.numel() else None, seed=seed, **ctx.settings)
+                  probs=probs.data_ptr() if probs.numel() else None, seed=seed, mask_diagonal=int(mask_diagonal),
+                  **ctx.settings)
         ctx.save_for_backward(qkv, probs)
         return output
 
@@ -425,15 +427,16 @@ class _Attention(torch.autograd.Function):
         batch, heads = qkv.shape[0], qkv.shape[3]
         _parallel("attention_backward", batch * heads, qkv=qkv.data_ptr(), probs=probs.data_ptr(),
                   dout=grad_output.data_ptr(), dqkv=grad_qkv.data_ptr(), **ctx.settings)
-        return grad_qkv, None, None
+        return grad_qkv, None, None, None
 
 
-def attention(qkv: torch.Tensor, num_queries: int, dropout_p: float) -> torch.Tensor:
+def attention(qkv: torch.Tensor, num_queries: int, dropout_p: float, mask_diagonal: bool = False) -> torch.Tensor:
     """dropout(softmax(q k^T / sqrt(head_size))) v for the first ``num_queries`` tokens, fused.
 
     Takes q, k and v as the fused projection lays them out and returns the
-    heads side by side, so neither end needs a transposed copy.
+    heads side by side, so neither end needs a transposed copy. With
+    ``mask_diagonal`` no token attends to itself (locality self-attention).
     In: qkv (B, N, 3, heads, head_size), CPU float32 or bfloat16.
     Out: (B, num_queries, heads, head_size), same dtype. Differentiable in qkv.
     """
-    return _Attention.apply(qkv, num_queries, dropout_p)
+    return _Attention.apply(qkv, num_queries, dropout_p, mask_diagonal)

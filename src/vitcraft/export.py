@@ -139,7 +139,8 @@ class OnnxRuntimeGelu(nn.Module):
 
 def _with_onnxruntime_ops(model: nn.Module) -> None:
     """Replace, in place, every attention module of ``model`` with OnnxRuntimeAttention (per-head ones fused
-    first: FasterMultiHeadAttention loads their weights) and every tanh GELU with OnnxRuntimeGelu."""
+    first: FasterMultiHeadAttention loads their weights; locality self-attention stays fused) and every tanh
+    GELU with OnnxRuntimeGelu."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, MultiHeadAttention):
@@ -147,7 +148,8 @@ def _with_onnxruntime_ops(model: nn.Module) -> None:
                 fused.load_state_dict(child.state_dict())
                 child = fused
             if isinstance(child, FasterMultiHeadAttention):
-                setattr(parent, name, OnnxRuntimeAttention(child))
+                # locality self-attention scales and masks the scores, which onnxruntime's op cannot
+                setattr(parent, name, child if child.temperature is not None else OnnxRuntimeAttention(child))
             elif isinstance(child, NewGELUActivation):
                 setattr(parent, name, OnnxRuntimeGelu())
 

@@ -23,6 +23,7 @@ from vitcraft.convert import (
     TIMM_NAMES,
     StateDict,
     check_hf_compatible,
+    check_no_small_data_options,
     from_vitcraft,
     hf_to_vitcraft,
     timm_to_vitcraft,
@@ -75,6 +76,7 @@ def to_timm_kwargs(model: ViTForClassification) -> dict[str, Any]:
     Dropout rates map to timm's nearest ones (inference is identical either way).
     """
     c = model.config
+    check_no_small_data_options(c, "timm")
     ratio = c.intermediate_size / c.hidden_size
     if int(c.hidden_size * ratio) != c.intermediate_size:
         # timm sizes the MLP as int(dim * mlp_ratio); nudge a ratio that rounds down

@@ -107,7 +107,8 @@ def decoder_config(encoder: ViTConfig, pretrain: PretrainConfig) -> ViTConfig:
     try:
         return encoder.replace(hidden_size=width, num_attention_heads=heads, num_hidden_layers=pretrain.decoder_depth,
                                intermediate_size=4 * width, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0, drop_path_rate=0.0, patch_dropout=0.0)
+                               attention_probs_dropout_prob=0.0, drop_path_rate=0.0, patch_dropout=0.0,
+                               locality_attention=False)
     except ValueError as error:
         raise ValueError(f"the MAE decoder does not fit: {error} (set --decoder-width and --decoder-heads)") from None
 

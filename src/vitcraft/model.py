@@ -68,6 +68,35 @@ class PatchEmbeddings(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, num_patches, hidden)
 
 
+class ShiftedPatchEmbeddings(PatchEmbeddings):
+    """Shifted patch tokenization (SPT, Lee et al. 2021): each patch vector also sees its neighbourhood.
+
+    The image and four copies of it shifted by half a patch diagonally (up-left, up-right, down-left,
+    down-right; zeros shifted in) are stacked along the channels, so each patch holds 5 x C x p x p numbers
+    that reach half a patch past its borders. They are LayerNormed and projected, as the paper does: a
+    small-data ViT gets some of a CNN's locality at its first layer.
+    In: (B, C, H, W) images. Out: (B, num_patches, hidden_size).
+    """
+
+    def __init__(self, config: ViTConfig | Mapping[str, Any]):
+        super().__init__(config)
+        config = as_config(config)
+        patch_numbers = 5 * config.num_channels * config.patch_size ** 2
+        del self.projection  # the stacked patches go through a LayerNorm and a Linear instead of a Conv2d
+        self.norm = nn.LayerNorm(patch_numbers, eps=config.layer_norm_eps)
+        self.projection = nn.Linear(patch_numbers, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.grid_size(x)  # raises on a wrong shape
+        s = self.patch_size // 2
+        padded = nn.functional.pad(x, (s, s, s, s))  # (B, C, H + 2s, W + 2s)
+        height, width = x.shape[-2:]
+        shifted = [padded[:, :, dy:dy + height, dx:dx + width] for dy in (0, 2 * s) for dx in (0, 2 * s)]
+        x = torch.cat([x, *shifted], dim=1)  # (B, 5C, H, W)
+        patches = nn.functional.unfold(x, self.patch_size, stride=self.patch_size)  # (B, 5C p p, num_patches)
+        return self.projection(self.norm(patches.transpose(1, 2)))  # (B, num_patches, hidden)
+
+
 class PatchDropout(nn.Module):
     """In training, each image keeps a random subset of its patch tokens (FLIP, Li et al. 2023).
 
@@ -115,7 +144,7 @@ class Embeddings(nn.Module):
     def __init__(self, config: ViTConfig | Mapping[str, Any]):
         super().__init__()
         config = as_config(config)
-        self.patch_embeddings = PatchEmbeddings(config)
+        self.patch_embeddings = (ShiftedPatchEmbeddings if config.shifted_patches else PatchEmbeddings)(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.position_embeddings = nn.Parameter(
             torch.zeros(1, self.num_prefix_tokens + self.patch_embeddings.num_patches, config.hidden_size))
@@ -155,12 +184,24 @@ class AttentionHead(nn.Module):
         self.value = nn.Linear(hidden_size, attention_head_size, bias=bias)
         self.dropout = ops.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, temperature: torch.Tensor | None = None,
+                attention_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         query, key, value = self.query(x), self.key(x), self.value(x)
-        attention_scores = query @ key.transpose(-1, -2) / math.sqrt(self.attention_head_size)
+        if temperature is None:
+            attention_scores = query @ key.transpose(-1, -2) / math.sqrt(self.attention_head_size)
+        else:  # locality self-attention: a learned scale instead of 1 / sqrt(head_size), and a mask
+            attention_scores = (query @ key.transpose(-1, -2)) * temperature + attention_bias
         attention_probs = attention_scores.softmax(dim=-1)  # (B, N, N)
         attention_output = self.dropout(attention_probs) @ value  # (B, N, head_size)
         return attention_output, attention_probs
+
+
+def locality_temperature(config: ViTConfig) -> nn.Parameter | None:
+    """Locality self-attention's learned per-head scale of the scores, starting at 1 / sqrt(head_size), or None
+    without it. Out: (heads,)."""
+    if not config.locality_attention:
+        return None
+    return nn.Parameter(torch.full((config.num_attention_heads,), config.attention_head_size ** -0.5))
 
 
 class MultiHeadAttention(nn.Module):
@@ -168,6 +209,8 @@ class MultiHeadAttention(nn.Module):
 
     The readable version: one small module per head. It loads the same state
     dict as FasterMultiHeadAttention (the fused qkv weight is split per head).
+    With ``config.locality_attention`` each head scales its scores by its entry
+    of ``temperature`` and masks the diagonal (``ops.with_diagonal_mask``).
     In: (B, N, hidden). Out: ((B, N, hidden), (B, heads, N, N) or None).
     """
 
@@ -182,10 +225,15 @@ class MultiHeadAttention(nn.Module):
             for _ in range(config.num_attention_heads)])
         self.output_projection = nn.Linear(config.hidden_size, config.hidden_size)
         self.output_dropout = ops.Dropout(config.hidden_dropout_prob)
+        self.temperature = locality_temperature(config)
         self._register_load_state_dict_pre_hook(self._split_fused_qkv)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False):
-        head_outputs = [head(x) for head in self.heads]
+        if self.temperature is None:
+            head_outputs = [head(x) for head in self.heads]
+        else:
+            mask = ops.with_diagonal_mask(None, x.shape[1], x.shape[1], x.device)  # (N, N)
+            head_outputs = [head(x, self.temperature[i], mask) for i, head in enumerate(self.heads)]
         attention_output = torch.cat([out for out, _ in head_outputs], dim=-1)  # (B, N, hidden)
         attention_output = self.output_dropout(self.output_projection(attention_output))
         if not output_attentions:
@@ -217,7 +265,9 @@ class FasterMultiHeadAttention(nn.Module):
     softmax (any shape broadcasting to (B, heads, Q, N)): Swin's relative
     position bias and shifted-window mask use it. ``num_queries`` asks for the
     first tokens' outputs only, all tokens still serving as keys and values
-    (see ``Block.forward_first_tokens``).
+    (see ``Block.forward_first_tokens``). With ``config.locality_attention``
+    the queries are scaled so that the scores come out scaled by each head's
+    ``temperature``, and no token attends to itself (``ops.with_diagonal_mask``).
     In: (B, N, hidden). Out: ((B, Q, hidden), (B, heads, Q, N) or None), Q = N
     or ``num_queries``.
     """
@@ -234,18 +284,26 @@ class FasterMultiHeadAttention(nn.Module):
         self.attn_dropout = ops.Dropout(config.attention_probs_dropout_prob)
         self.output_projection = nn.Linear(config.hidden_size, config.hidden_size)
         self.output_dropout = ops.Dropout(config.hidden_dropout_prob)
+        self.temperature = locality_temperature(config)
         self._register_load_state_dict_pre_hook(self._merge_per_head_qkv)
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False, *,
                 attention_bias: torch.Tensor | None = None, num_queries: int | None = None):
         batch_size, num_tokens, hidden_size = x.shape
-        qkv = self.qkv_projection(x)  # (B, N, 3 * hidden)
+        locality = self.temperature is not None
+        if locality:
+            qkv = self._locality_qkv(x)  # (B, N, 3 * hidden)
+        else:
+            qkv = self.qkv_projection(x)  # (B, N, 3 * hidden)
         qkv = qkv.view(batch_size, num_tokens, 3, self.num_attention_heads, self.attention_head_size)
         dropout_p = self.attn_dropout.p if self.training else 0.0
         attention_probs = None
         if self.use_sdpa and not output_attentions:
-            attention_output = ops.attention(qkv, dropout_p, num_queries, attention_bias)  # (B, Q, heads, head_size)
+            attention_output = ops.attention(qkv, dropout_p, num_queries, attention_bias,
+                                             mask_diagonal=locality)  # (B, Q, heads, head_size)
         else:
+            if locality:
+                attention_bias = ops.with_diagonal_mask(attention_bias, num_queries or num_tokens, num_tokens, x.device)
             query, key, value = ops.split_heads(qkv)  # each (B, heads, N, head_size)
             attention_output, attention_probs = ops.softmax_attention(query[:, :, :num_queries], key, value,
                                                                       dropout_p, attention_bias)
@@ -253,6 +311,20 @@ class FasterMultiHeadAttention(nn.Module):
         attention_output = attention_output.reshape(batch_size, -1, hidden_size)  # (B, Q, hidden), heads side by side
         attention_output = self.output_dropout(self.output_projection(attention_output))
         return attention_output, (attention_probs if output_attentions else None)
+
+    def _locality_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The qkv projection with each head's queries scaled by temperature * sqrt(head_size): the attention
+        then divides the scores by sqrt(head_size), which leaves them scaled by the temperature.
+
+        The scale goes on the query rows of the (3 * hidden, hidden) weight and their biases, a few thousand
+        numbers, rather than on the (B, N, 3, heads, head_size) output.
+        In: (B, N, hidden). Out: (B, N, 3 * hidden).
+        """
+        projection = self.qkv_projection
+        queries = self.temperature.repeat_interleave(self.attention_head_size) * self.attention_head_size ** 0.5
+        rows = torch.cat((queries, queries.new_ones(2 * queries.numel())))  # (3 * hidden,): rows [q | k | v]
+        bias = None if projection.bias is None else projection.bias * rows
+        return nn.functional.linear(x, projection.weight * rows[:, None], bias)
 
     def _merge_per_head_qkv(self, state_dict, prefix, *_):
         """Accept MultiHeadAttention's per-head ``heads.i.query`` style weights."""

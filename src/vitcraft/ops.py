@@ -140,12 +140,24 @@ def softmax_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return dropout(attention_probs, dropout_p) @ value, attention_probs
 
 
+def with_diagonal_mask(attention_bias: torch.Tensor | None, num_queries: int, num_tokens: int,
+                       device: torch.device | str) -> torch.Tensor:
+    """``attention_bias`` plus locality self-attention's diagonal mask (Lee et al. 2021): no token attends to
+    itself. In: a bias broadcasting to (B, heads, Q, N), or None. Out: (Q, N) with -inf at (i, i) and 0
+    elsewhere, plus the bias."""
+    diagonal = torch.arange(num_queries, device=device)[:, None] == torch.arange(num_tokens, device=device)  # (Q, N)
+    # masked_fill rather than fill_diagonal_, which ONNX export lacks
+    mask = torch.zeros(num_queries, num_tokens, device=device).masked_fill(diagonal, float("-inf"))
+    return mask if attention_bias is None else attention_bias + mask
+
+
 def attention(qkv: torch.Tensor, dropout_p: float = 0.0, num_queries: int | None = None,
-              attention_bias: torch.Tensor | None = None) -> torch.Tensor:
+              attention_bias: torch.Tensor | None = None, mask_diagonal: bool = False) -> torch.Tensor:
     """Softmax attention of the first ``num_queries`` tokens over all of them, fused where possible.
 
     out = dropout(softmax(q k^T / sqrt(head_size) + attention_bias)) v, with
-    ``dropout_p`` as given (pass 0 in eval mode). Without a bias the C kernel
+    ``dropout_p`` as given (pass 0 in eval mode); ``mask_diagonal``: no token
+    attends to itself (``with_diagonal_mask``). Without a bias the C kernel
     takes q, k and v straight from the fused projection's layout and writes
     the heads side by side, so neither end needs a transposed copy. On the CPU
     SDPA runs only without dropout: with dropout it falls back to separate
@@ -155,7 +167,9 @@ def attention(qkv: torch.Tensor, dropout_p: float = 0.0, num_queries: int | None
     Out: (B, Q, heads, head_size), Q = ``num_queries`` or N.
     """
     if attention_bias is None and kernels_take(qkv):
-        return cpu_kernels.attention(qkv, num_queries or qkv.shape[1], dropout_p)
+        return cpu_kernels.attention(qkv, num_queries or qkv.shape[1], dropout_p, mask_diagonal)
+    if mask_diagonal:
+        attention_bias = with_diagonal_mask(attention_bias, num_queries or qkv.shape[1], qkv.shape[1], qkv.device)
     query, key, value = split_heads(qkv)
     query = query[:, :, :num_queries]  # (B, heads, Q, head_size); all N for None
     if dropout_p == 0 or qkv.device.type != "cpu":

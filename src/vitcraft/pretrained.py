@@ -175,7 +175,8 @@ def model_for_data(pretrained: Pretrained, class_names: list[str], image_size: i
         if old_grid != new_grid:
             state[POSITIONS] = resample_position_embeddings(state[POSITIONS], prefix, old_grid, new_grid)
             report.resampled.append(f"{POSITIONS} ({old_grid[0]}x{old_grid[1]} -> {new_grid[0]}x{new_grid[1]} grid)")
-    if PATCH_FILTERS in state and state[PATCH_FILTERS].shape[1] != num_channels:
+    # a Conv2d's (hidden, C, p, p) filters; shifted patches' Linear mixes the channels in one axis
+    if PATCH_FILTERS in state and state[PATCH_FILTERS].ndim == 4 and state[PATCH_FILTERS].shape[1] != num_channels:
         report.resampled.append(f"{PATCH_FILTERS} ({state[PATCH_FILTERS].shape[1]} -> {num_channels} channels)")
         state[PATCH_FILTERS] = adapt_input_channels(state[PATCH_FILTERS], num_channels)
     report.new = load_state_listed(model, state, f"{source} ({pretrained.weights})", may_stay_new=HEAD_PREFIXES)

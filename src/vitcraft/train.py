@@ -362,14 +362,27 @@ def _sum_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def flip_averaged(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Test-time flip averaging: log of the mean of the class probabilities of each image and of its mirror image.
+
+    Logs of probabilities are logits (softmax gives the probabilities back), so losses and top-k work unchanged.
+    In: (B, C, H, W) normalised images. Out: (B, num_classes) float32.
+    """
+    logits, _ = model(images)
+    mirrored, _ = model(images.flip(-1))  # left-right, as training's random flips
+    log_probs = torch.stack((logits.float().log_softmax(-1), mirrored.float().log_softmax(-1)))  # (2, B, classes)
+    return torch.logsumexp(log_probs, dim=0) - math.log(2)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ImageTensorDataset, normalization: Normalization,
              device: torch.device, dtype: torch.dtype | None, batch_size: int = TrainConfig.eval_batch_size, *,
-             ddp: Distributed = Distributed(), progress: bool = False) -> dict[str, Any]:
+             ddp: Distributed = Distributed(), progress: bool = False, flip: bool = False) -> dict[str, Any]:
     """Loss, top-1, top-5 and per-class accuracy on a whole split (sharded across ranks).
 
     Returns fractions in [0, 1]; ``predictions`` holds this rank's top-1 guesses
-    in dataset order (rank 0 of 1: all of them).
+    in dataset order (rank 0 of 1: all of them). ``flip``: each image's
+    prediction averages it with its mirror image's (``flip_averaged``).
     """
     model.eval()
     num_classes = len(dataset.class_names)
@@ -384,7 +397,7 @@ def evaluate(model: nn.Module, dataset: ImageTensorDataset, normalization: Norma
                                leave=False, disable=not (progress and ddp.is_main and sys.stderr.isatty())):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, dtype):
-            logits, _ = model(normalization(images))
+            logits = flip_averaged(model, normalization(images)) if flip else model(normalization(images))[0]
         logits = logits.float()
         top = logits.topk(min(5, num_classes), dim=1).indices
         hit1 = top[:, 0] == labels
@@ -514,23 +527,29 @@ def calibrate(t: Training) -> tuple[float, float]:
     first batches, under forked random generators, so the run itself starts
     exactly as it would without a budget; the evaluation runs on a part of the
     test split, scaled up. Under torchrun the ranks' figures are averaged, so
-    that every rank plans alike.
+    that every rank plans alike. With progressive resizing each size is timed
+    and the step's seconds are their mean: the epochs, and so the steps, are
+    split evenly between the sizes (``progressive_size``).
     """
     model = copy.deepcopy(t.model)
     trial = dataclasses.replace(t, model=model, ddp_model=model, optimizer=build_optimizer(model, t.cfg), ema=None,
                                 scaler=grad_scaler(t.device, t.dtype))
     order = epoch_indices(len(t.train_set), t.cfg.seed, 0, rank=t.ddp.rank, world_size=t.ddp.world_size)
     generator = torch.Generator().manual_seed(0)
-    seconds = []
+    sizes = t.cfg.progressive_sizes or [t.test_set.image_size]
+    size_seconds = {}  # image size -> seconds per step
     with torch.random.fork_rng(devices=rng_devices(t.device)):
         model.train()
-        for images, labels in iterate_batches(t.train_set, order[:(CALIBRATION_STEPS + 1) * t.local_batch],
-                                              t.local_batch):
-            started = time.perf_counter()
-            images = t.augment(images, generator, t.extra.image_policy)
-            train_step(trial, images, labels, t.cfg.learning_rate, generator, t.test_set.image_size)
-            synchronize(t.device)
-            seconds.append(time.perf_counter() - started)
+        for size in dict.fromkeys(sizes):
+            seconds = []
+            for images, labels in iterate_batches(t.train_set, order[:(CALIBRATION_STEPS + 1) * t.local_batch],
+                                                  t.local_batch):
+                started = time.perf_counter()
+                images = t.augment(images, generator, t.extra.image_policy)
+                train_step(trial, images, labels, t.cfg.learning_rate, generator, size)
+                synchronize(t.device)
+                seconds.append(time.perf_counter() - started)
+            size_seconds[size] = statistics.median(seconds[1:] or seconds)  # the first warmed up
         part = min(len(t.test_set), 2 * t.cfg.eval_batch_size)
         subset = ImageTensorDataset(t.test_set.images[:part], t.test_set.labels[:part], t.test_set.class_names)
         started = time.perf_counter()
@@ -538,7 +557,7 @@ def calibrate(t: Training) -> tuple[float, float]:
         synchronize(t.device)
         # each rank evaluates its share of the split
         eval_seconds = (time.perf_counter() - started) * len(t.test_set) / part / t.ddp.world_size
-    step_seconds = statistics.median(seconds[1:] or seconds)  # the first warmed up
+    step_seconds = statistics.fmean(size_seconds[size] for size in sizes)  # a repeated size counts each time
     figures = t.ddp.all_reduce_sum(torch.tensor([step_seconds, eval_seconds], dtype=torch.float64, device=t.device))
     return figures[0] / t.ddp.world_size, figures[1] / t.ddp.world_size
 
