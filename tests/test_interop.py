@@ -197,6 +197,7 @@ def test_patch_dropout_trains_on_the_patches_timm_keeps_and_round_trips():
 @pytest.mark.parametrize("option", ["shifted_patches", "locality_attention"])
 def test_the_small_data_options_have_no_timm_or_hf_equivalent_and_say_so(option):
     model = ViTForClassification(ViTConfig(**{option: True}, final_layernorm=True))
-    for convert, library in ((to_timm_kwargs, "timm"), (to_timm_state_dict, "timm"), (to_hf_config, "Hugging Face")):
+    for convert, library in ((to_timm_kwargs, "timm"), (to_timm_state_dict, "timm"), (to_hf_config, "Hugging Face"),
+                             (to_hf_state_dict, "Hugging Face")):
         with pytest.raises(VitcraftError, match=f"{option}=True has no {library} ViT equivalent"):
             convert(model)

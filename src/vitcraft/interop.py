@@ -67,6 +67,7 @@ def to_timm_state_dict(model: ViTForClassification) -> dict[str, torch.Tensor]:
 
     Build the timm model with :func:`to_timm_kwargs`. Works for every attention backend.
     """
+    check_no_small_data_options(model.config, "timm")  # the Hugging Face paths check in check_hf_compatible
     return from_vitcraft(model, TIMM_NAMES)
 
 
