@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -59,6 +60,26 @@ def images_per_second(step, batch: int, steps: int = 5) -> float:
     for _ in range(steps):
         step()
     return steps * batch / (time.perf_counter() - started)
+
+
+def round_robin(steps: dict, batch: int, rounds: int, steps_per_round: int) -> dict[str, float]:
+    """Median images per second of each ``steps[name]()`` (a training step of ``batch`` images).
+
+    Each round times every contender for ``steps_per_round`` steps in turn, so
+    background load and the CPU's clock changes hit all of them alike; two
+    steps each first warm up (allocator, the libraries' choice of kernels).
+    """
+    for step in steps.values():
+        for _ in range(2):
+            step()
+    rates = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            for _ in range(steps_per_round):
+                step()
+            rates[name].append(batch * steps_per_round / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def training_flops_per_image(model: torch.nn.Module, images: torch.Tensor) -> float:

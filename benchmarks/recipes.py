@@ -64,13 +64,14 @@ TRAIN_FIELDS = {field.name for field in dataclasses.fields(TrainConfig)}
 MODEL_FIELDS = {field.name for field in dataclasses.fields(ViTConfig)}
 
 
-def resolve(name: str) -> Recipe:
-    """The recipe ``name``, or for ``RECIPE+KEY=VALUE+...`` that recipe with those settings changed."""
+def resolve(name: str, budget: str | None = None) -> Recipe:
+    """The recipe ``name``, or for ``RECIPE+KEY=VALUE+...`` that recipe with those settings changed; its model that
+    of a ``vitcraft train --budget`` run of ``budget`` (``Recipe.model_for``)."""
     base, *changes = name.split("+")
     if base not in supervised_recipes():
         raise ValueError(f"unknown recipe {base!r} in {name!r}; the recipes: {', '.join(supervised_recipes())}")
     recipe = RECIPES[base]
-    train, model = dict(recipe.train), dict(recipe.model)
+    train, model = dict(recipe.train), recipe.model_for(budget)
     for change in changes:
         key, equals, text = change.partition("=")
         if not equals or key not in TRAIN_FIELDS | MODEL_FIELDS:
@@ -231,7 +232,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs") / f"recipes-{datetime.now():%Y%m%d-%H%M%S}")
     args = parser.parse_args()
     try:
-        recipes = {name: resolve(name) for name in args.recipes}
+        recipes = {name: resolve(name, f"{args.minutes}m") for name in args.recipes}
     except ValueError as error:
         parser.error(str(error))
     for recipe in list(recipes.values()):  # the teachers that distillation recipes name

@@ -18,16 +18,14 @@ longer use.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_class, describe, gemm_peak, training_flops_per_image  # noqa: E402
+from machine import cpu_class, describe, gemm_peak, round_robin, training_flops_per_image  # noqa: E402
 from reference import timm_model, tutorial_model  # noqa: E402
 
 from vitcraft import ViTConfig, ViTForClassification, ops  # noqa: E402
@@ -78,19 +76,9 @@ def main() -> None:
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
-    steps = {}
-    for name, build, dtype, kernels in contenders(args.precision):
-        steps[name] = make_step(build(), dtype, kernels, images, labels)
-        for _ in range(2):  # warm-up: allocator, kernels
-            steps[name]()
-    rates = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            rates[name].append(args.batch_size * args.steps / (time.perf_counter() - start))
-    median = {name: statistics.median(values) for name, values in rates.items()}
+    steps = {name: make_step(build(), dtype, kernels, images, labels)
+             for name, build, dtype, kernels in contenders(args.precision)}
+    median = round_robin(steps, args.batch_size, args.rounds, args.steps)
     per_head = median["tutorial per-head (MultiHeadAttention)"]
     fused = median["tutorial fused (FasterMultiHeadAttention)"]
     timm_rate = median["timm VisionTransformer, same shape"]

@@ -64,3 +64,13 @@ def test_a_rows_command_line_repeats_its_settings_through_vitcraft_train():
     assert run.model == recipe.model and run.model["shifted_patches"] is True  # JSON true, not Python's True
     for key, value in settings.items():
         assert getattr(run.train, key) == value, key
+
+
+def test_a_rows_model_is_that_of_a_run_with_the_benchmarks_budget():
+    speedrun = RECIPES["speedrun"]
+    threshold, larger = speedrun.larger
+    assert benchmark.resolve("speedrun", "5m").model == speedrun.model
+    assert benchmark.resolve("speedrun", threshold).model == {**speedrun.model, **larger}
+    # a row's change goes on top of the larger model
+    assert benchmark.resolve("speedrun+num_hidden_layers=4", threshold).model == {
+        **speedrun.model, **larger, "num_hidden_layers": 4}

@@ -151,6 +151,24 @@ def test_a_recipe_is_the_bottom_layer_under_the_config_file_and_the_flags(tmp_pa
     assert run.preset == "seed-tiny" and run.model == {} and run.train.learning_rate == 2e-3
 
 
+def test_a_long_budget_takes_the_recipes_larger_model_and_flags_still_override_it():
+    from vitcraft.cli import build_parser, run_config_from_args
+    from vitcraft.recipes import RECIPES
+
+    def model_of(*flags):
+        return run_config_from_args(build_parser().parse_args(["train", "--recipe", "speedrun", *flags])).model
+
+    speedrun = RECIPES["speedrun"]
+    threshold, larger = speedrun.larger
+    assert model_of() == model_of("--budget", "29m") == speedrun.model  # set epochs, or a shorter budget
+    assert model_of("--budget", threshold) == model_of("--budget", "2h") == {**speedrun.model, **larger}
+    assert larger["hidden_size"] > speedrun.model.get("hidden_size", 48)  # larger: wider than the tutorial's 48
+    assert model_of("--budget", "1h", "--model-arg", "num_hidden_layers=5")["num_hidden_layers"] == 5
+    assert model_of("--budget", "1h", "--model-arg", "num_hidden_layers=5")["hidden_size"] == larger["hidden_size"]
+    # a recipe without a larger model keeps its own at every budget
+    assert RECIPES["tutorial"].model_for("2h") == RECIPES["tutorial"].model
+
+
 def test_an_unknown_recipe_is_one_clear_error(capsys):
     from vitcraft.cli import main
 

@@ -266,7 +266,7 @@ def run_config_from_args(args: argparse.Namespace):
     values = {"preset": args.preset or values.get("preset") or (default_of(RunConfig, "preset") if init
                                                                  else recipe.preset),
               "init": init,
-              "model": {**({} if init else recipe.model), **(values.get("model") or {}),
+              "model": {**({} if init else recipe.model_for(train.get("budget"))), **(values.get("model") or {}),
                         **_parse_model_args(args.model_arg)},
               "train": train,
               "data": {**(values.get("data") or {}), **settings_given(args, DataConfig)},
