@@ -86,9 +86,10 @@ def resolve(name: str, budget: str | None = None) -> Recipe:
 
 def settings_for(recipe: Recipe, steps: int | None, steps_per_epoch: int, teacher_dir: Path | None,
                  threads: int | None, batch_size: int) -> dict[str, Any]:
-    """The TrainConfig settings of a recipe, for ``steps`` optimizer steps (None: its own epochs)."""
-    settings = dict(recipe.train)  # a warmup_fraction: training resolves it from the steps
-    settings.update(batch_size=batch_size, num_threads=threads)
+    """The TrainConfig settings of a recipe, for ``steps`` optimizer steps (None: its own epochs); ``batch_size``
+    the benchmark's, unless the recipe (a ``+batch_size=N`` row) has its own."""
+    settings = {"batch_size": batch_size, **recipe.train}  # a warmup_fraction: training resolves it from the steps
+    settings.update(num_threads=threads)
     if steps is not None:
         settings.update(epochs=math.ceil(steps / steps_per_epoch), max_steps=steps)
     if teacher_dir is not None:
@@ -240,7 +241,6 @@ def main() -> None:
             recipes.setdefault(recipe.teacher, RECIPES[recipe.teacher])
 
     train_set, _ = load_splits(args.data, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     run_dirs = {}  # recipe -> its finished run
     if args.teachers_from:
         run_dirs = {recipe: args.teachers_from / recipe for recipe in RECIPES
@@ -271,6 +271,7 @@ def main() -> None:
         write_table_and_figure()
     for recipe in order:
         teacher_dir = run_dirs.get(recipes[recipe].teacher)
+        steps_per_epoch = math.ceil(len(train_set) / recipes[recipe].train.get("batch_size", args.batch_size))
         step_seconds, eval_seconds = calibrate(recipes[recipe], args, teacher_dir, steps_per_epoch)
         steps = plan(60 * args.minutes, step_seconds, eval_seconds, steps_per_epoch).steps
         settings = settings_for(recipes[recipe], steps, steps_per_epoch, teacher_dir, args.threads,

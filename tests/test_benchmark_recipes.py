@@ -74,3 +74,9 @@ def test_a_rows_model_is_that_of_a_run_with_the_benchmarks_budget():
     # a row's change goes on top of the larger model
     assert benchmark.resolve("speedrun+num_hidden_layers=4", threshold).model == {
         **speedrun.model, **larger, "num_hidden_layers": 4}
+
+
+def test_a_batch_size_row_keeps_its_batch_size_over_the_benchmarks():
+    assert benchmark.settings_for(benchmark.resolve("speedrun+batch_size=128"), 400, 391, None, None, 256)[
+        "batch_size"] == 128
+    assert benchmark.settings_for(benchmark.resolve("speedrun"), 400, 196, None, None, 512)["batch_size"] == 512
