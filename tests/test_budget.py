@@ -126,8 +126,8 @@ def test_list_recipes_names_each_with_its_preset_and_what_it_measured(capsys):
     assert main(["list-recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines] == [[name, recipe.preset] for name, recipe in RECIPES.items()]
-    measured = [line for line in lines if line.split()[0] in ("tutorial", "speedrun")]
-    assert len(measured) == 2 and all("%" in line and "AVX-512" in line for line in measured)  # figure, CPU class
+    measured = [line for line in lines if line.split()[0] in ("tutorial", "speedrun", "speedrun-32px")]
+    assert len(measured) == 3 and all("%" in line and "AVX-512" in line for line in measured)  # figure, CPU class
 
 
 def test_a_recipe_is_the_bottom_layer_under_the_config_file_and_the_flags(tmp_path):
@@ -165,6 +165,12 @@ def test_a_long_budget_takes_the_recipes_larger_model_and_flags_still_override_i
     assert larger["hidden_size"] > speedrun.model.get("hidden_size", 48)  # larger: wider than the tutorial's 48
     assert model_of("--budget", "1h", "--model-arg", "num_hidden_layers=5")["num_hidden_layers"] == 5
     assert model_of("--budget", "1h", "--model-arg", "num_hidden_layers=5")["hidden_size"] == larger["hidden_size"]
+    # speedrun-32px: speedrun's model (and larger model) with its own training settings
+    run = run_config_from_args(build_parser().parse_args(["train", "--recipe", "speedrun-32px", "--budget", "30m"]))
+    assert run.model == {**speedrun.model, **larger}
+    assert (run.train.learning_rate, run.train.progressive_sizes) == (4e-3, [16, 24, 32])
+    assert RECIPES["speedrun-32px"].train == {**speedrun.train, **{"learning_rate": 4e-3,
+                                                                   "progressive_sizes": [16, 24, 32]}}
     # a recipe without a larger model keeps its own at every budget
     assert RECIPES["tutorial"].model_for("2h") == RECIPES["tutorial"].model
 

@@ -112,6 +112,17 @@ def test_progressive_sizes_are_checked(folder16, tmp_path):
         TrainConfig(progressive_sizes=[0, 16])
 
 
+def test_progressive_sizes_must_end_at_the_images_size(folder16, tmp_path, capsys):
+    # a recipe's sizes for 32-pixel images, on 16-pixel ones: one clear error before any training
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "speedrun-32px", "--data", str(folder16), "--out", str(out)]) == 2
+    assert ("progressive_sizes must end at the images' size, 16 px (the size the model is evaluated at), "
+            "got [16, 24, 32]") in capsys.readouterr().err
+    assert not (out / "model.safetensors").exists()
+    with pytest.raises(VitcraftError, match=r"must end at the images' size, 16 px .*, got \[8, 12\]"):
+        train_quietly(small_run(folder16, tmp_path, progressive_sizes=[8, 12]), tmp_path / "short")
+
+
 def test_eval_at_another_image_size(folder16, tmp_path, capsys):
     out = tmp_path / "run"
     train_quietly(small_run(folder16, tmp_path, epochs=1), out)

@@ -75,6 +75,17 @@ def progressive_size(sizes: list[int] | None, epoch: int, epochs: int, default: 
     return sizes[min(len(sizes) - 1, math.floor(epoch * len(sizes) / epochs))]
 
 
+def check_progressive_sizes(sizes: list[int], image_size: int) -> None:
+    """Refuse progressive sizes that do not end at ``image_size``, the size the model is evaluated at.
+
+    A list written for other images (a recipe's 16, 24, 32 on 224-pixel scans)
+    would otherwise train every epoch at sizes the model is never tested at.
+    """
+    if sizes[-1] != image_size:
+        raise VitcraftError(f"progressive_sizes must end at the images' size, {image_size} px (the size the model "
+                            f"is evaluated at), got {sizes}; pass --progressive-sizes with sizes for these images")
+
+
 def allow_image_sizes(model: nn.Module, sizes: list[int], name: str) -> None:
     """Let ``model`` take every image size in ``sizes`` (progressive resizing), or say why it cannot.
 

@@ -79,7 +79,7 @@ from vitcraft.mae import MaskedAutoencoder
 from vitcraft.model import Encoder, count_parameters
 from vitcraft.pretrained import Pretrained, model_for_data, read_source, source_normalization
 from vitcraft.registry import get_preset, preset_config
-from vitcraft.resize import allow_image_sizes, progressive_size, resize_batch
+from vitcraft.resize import allow_image_sizes, check_progressive_sizes, progressive_size, resize_batch
 from vitcraft.runs import RunConfig
 from vitcraft.tensorboard_log import TensorBoardLog
 
@@ -649,6 +649,7 @@ def set_up(run: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, figu
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     if cfg.progressive_sizes:
+        check_progressive_sizes(cfg.progressive_sizes, test_set.image_size)
         allow_image_sizes(model, cfg.progressive_sizes, preset)
     num_parameters = count_parameters(model)  # all of them: before freezing, which leaves the head's trainable
     if run.pretrain is not None:
