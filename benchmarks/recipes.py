@@ -84,12 +84,17 @@ def resolve(name: str, budget: str | None = None) -> Recipe:
     return dataclasses.replace(recipe, train=train, model=model)
 
 
+def batch_size_of(recipe: Recipe, default: int) -> int:
+    """The batch size a row trains with: its own (a ``+batch_size=N`` row), else ``default``, the benchmark's."""
+    return recipe.train.get("batch_size", default)
+
+
 def settings_for(recipe: Recipe, steps: int | None, steps_per_epoch: int, teacher_dir: Path | None,
                  threads: int | None, batch_size: int) -> dict[str, Any]:
     """The TrainConfig settings of a recipe, for ``steps`` optimizer steps (None: its own epochs); ``batch_size``
-    the benchmark's, unless the recipe (a ``+batch_size=N`` row) has its own."""
-    settings = {"batch_size": batch_size, **recipe.train}  # a warmup_fraction: training resolves it from the steps
-    settings.update(num_threads=threads)
+    the benchmark's (``batch_size_of``)."""
+    settings = dict(recipe.train)  # a warmup_fraction: training resolves it from the steps
+    settings.update(batch_size=batch_size_of(recipe, batch_size), num_threads=threads)
     if steps is not None:
         settings.update(epochs=math.ceil(steps / steps_per_epoch), max_steps=steps)
     if teacher_dir is not None:
@@ -271,7 +276,7 @@ def main() -> None:
         write_table_and_figure()
     for recipe in order:
         teacher_dir = run_dirs.get(recipes[recipe].teacher)
-        steps_per_epoch = math.ceil(len(train_set) / recipes[recipe].train.get("batch_size", args.batch_size))
+        steps_per_epoch = math.ceil(len(train_set) / batch_size_of(recipes[recipe], args.batch_size))
         step_seconds, eval_seconds = calibrate(recipes[recipe], args, teacher_dir, steps_per_epoch)
         steps = plan(60 * args.minutes, step_seconds, eval_seconds, steps_per_epoch).steps
         settings = settings_for(recipes[recipe], steps, steps_per_epoch, teacher_dir, args.threads,
